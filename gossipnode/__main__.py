@@ -1,0 +1,3 @@
+from gossipnode.cli import main
+
+main()

@@ -1,0 +1,250 @@
+"""A node's configuration: one frozen record, validated once, from flags > env > file > defaults.
+
+Every option has one name used everywhere: ``--grad-rate`` on the command line,
+``GOSSIPNODE_GRAD_RATE`` in the environment, ``grad_rate`` (or ``grad-rate``) in the TOML file
+given with ``--config``. A bad value raises ``ConfigError`` whose message names where the value
+came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gossipnode.transport import Address
+from gossipnode.wire import Limits
+
+ENV_PREFIX = "GOSSIPNODE_"
+
+
+class ConfigError(Exception):
+    """A configuration value is missing or wrong; the message says which and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: int
+    num_nodes: int
+    listen: Address
+    peers: tuple[Address, ...] = ()
+    task: str = "digits"
+    algorithm: str = "gossip"
+    duration: float | None = None  # seconds; None runs until SIGTERM/SIGINT
+    seed: int = 0
+    grad_rate: float | None = None  # gradient steps per second; None = back to back; 0 = off
+    gossip_rate: float = 1.0  # exchanges per second on each edge, both ends together
+    lr: float = 0.05
+    batch_size: int = 32  # 0 = the whole local data set
+    init: str = "independent"  # "shared": every node starts from the same model
+    exchange_timeout: float = 10.0
+    progress_every: float = 5.0  # seconds between progress lines; 0 = none
+    out: Path | None = None  # where to write summary.json and the final model
+    torch_threads: int | None = None
+    max_frame_mb: float = 1024.0
+    log_level: str = "info"
+    json: bool = False
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_body_bytes=int(self.max_frame_mb * 1024 * 1024))
+
+
+# ---------------------------------------------------------------------------- parsers
+# Each takes a value from a flag or env var (a string) or from TOML (typed) and returns the
+# field's value, or raises ValueError saying what is allowed.
+
+
+def _int(low: int | None = None) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        try:
+            if isinstance(value, bool | float):
+                raise ValueError
+            number = int(str(value).strip())
+        except ValueError:
+            raise ValueError(f"must be an integer, got {value!r}") from None
+        if low is not None and number < low:
+            raise ValueError(f"must be an integer >= {low}, got {number}")
+        return number
+
+    return parse
+
+
+def _float(*, positive: bool = False, allow_zero: bool = True) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(str(value).strip())
+        except ValueError:
+            raise ValueError(f"must be a number, got {value!r}") from None
+        if not math.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+            allowed = "> 0" if not allow_zero else ">= 0"
+            raise ValueError(f"must be a finite number {allowed}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _rate(value: object) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return None
+    try:
+        return _float()(value)
+    except ValueError:
+        raise ValueError(f"must be 'max' or a number >= 0 (0 = off), got {value!r}") from None
+
+
+def _duration(value: object) -> float | None:
+    seconds = _float()(value)
+    return None if seconds == 0 else seconds
+
+
+def _choice(*allowed: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = str(value).strip().lower()
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}; got {value!r}")
+        return text
+
+    return parse
+
+
+def _name(value: object) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _address(value: object) -> Address:
+    return Address.parse(str(value))
+
+
+def _peers(value: object) -> tuple[Address, ...]:
+    items = value if isinstance(value, list) else str(value).split(",")
+    peers = tuple(Address.parse(str(item)) for item in items if str(item).strip())
+    if len(set(peers)) != len(peers):
+        raise ValueError(f"lists a peer twice: {value!r}")
+    return peers
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _path(value: object) -> Path:
+    return Path(_name(value))
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    field: str  # NodeConfig field
+    flag: str  # without the dashes; also the TOML key and, upper-cased, the env suffix
+    parse: Callable[[object], Any]
+
+
+OPTIONS = {
+    o.flag: o
+    for o in [
+        Option("node_id", "id", _int(0)),
+        Option("num_nodes", "num_nodes", _int(1)),
+        Option("listen", "listen", _address),
+        Option("peers", "peers", _peers),
+        Option("task", "task", _name),
+        Option("algorithm", "algorithm", _name),
+        Option("duration", "duration", _duration),
+        Option("seed", "seed", _int(0)),
+        Option("grad_rate", "grad_rate", _rate),
+        Option("gossip_rate", "gossip_rate", _float()),
+        Option("lr", "lr", _float(allow_zero=False)),
+        Option("batch_size", "batch_size", _int(0)),
+        Option("init", "init", _choice("independent", "shared")),
+        Option("exchange_timeout", "exchange_timeout", _float(allow_zero=False)),
+        Option("progress_every", "progress_every", _float()),
+        Option("out", "out", _path),
+        Option("torch_threads", "torch_threads", _int(1)),
+        Option("max_frame_mb", "max_frame_mb", _float(allow_zero=False)),
+        Option("log_level", "log_level", _choice("debug", "info", "warning", "error")),
+        Option("json", "json", _bool),
+    ]
+}
+REQUIRED = ("id", "num_nodes", "listen")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resolve(
+    flags: Mapping[str, object | None], env: Mapping[str, str], file: Path | None = None
+) -> NodeConfig:
+    """Merge the sources (flags > env > file > defaults) and validate every value."""
+    raw: dict[str, tuple[object, str]] = {}  # option -> (value, where it came from)
+    if file is not None:
+        for key, value in read_toml(file).items():
+            name = key.replace("-", "_")
+            if name not in OPTIONS:
+                raise ConfigError(f"{file}: unknown key {key!r}; known keys: {', '.join(OPTIONS)}")
+            raw[name] = (value, f"{file}: {key}")
+    for name in OPTIONS:
+        if (value := env.get(ENV_PREFIX + name.upper())) is not None:
+            raw[name] = (value, ENV_PREFIX + name.upper())
+    for name, value in flags.items():
+        if name not in OPTIONS:
+            raise ConfigError(f"unknown option {flag(name)}")
+        if value is not None:
+            raw[name] = (value, flag(name))
+
+    for name in REQUIRED:
+        if name not in raw:
+            raise ConfigError(
+                f"{flag(name)} is required (or {ENV_PREFIX}{name.upper()}, or {name} in --config)"
+            )
+    values: dict[str, Any] = {}
+    for name, (value, source) in raw.items():
+        try:
+            values[OPTIONS[name].field] = OPTIONS[name].parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    config = NodeConfig(**values)
+    _check(config, {OPTIONS[n].field: src for n, (_, src) in raw.items()})
+    return config
+
+
+def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
+    """Cross-field rules."""
+    if config.node_id >= config.num_nodes:
+        raise ConfigError(
+            f"{source['node_id']}: node id {config.node_id} must be below "
+            f"--num-nodes {config.num_nodes} (ids are 0..{config.num_nodes - 1})"
+        )
+    if config.listen in config.peers:
+        raise ConfigError(f"{source['peers']}: lists this node's own address {config.listen}")
+
+
+def replace(config: NodeConfig, **changes: Any) -> NodeConfig:
+    return dataclasses.replace(config, **changes)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None

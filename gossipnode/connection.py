@@ -1,0 +1,129 @@
+"""One peer connection: typed messages over a transport stream, via the wire codec.
+
+This is the adapter between the sans-I/O core (``wire``, ``messages``) and trio: it fills in
+the envelope on the way out, checks it on the way in, receives frame bodies straight into
+their buffers where the stream allows, and counts bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Protocol
+
+import trio
+
+from gossipnode.messages import Error, Message, from_frame, to_frame
+from gossipnode.transport import Stream, TransportError
+from gossipnode.wire import Frame, FrameDecoder, Limits, ProtocolError, encode
+
+RECEIVE_CHUNK = 64 * 1024
+
+
+class RemoteError(Exception):
+    """The peer sent an Error message (and will close): it refused something of ours."""
+
+
+class ConnectionClosed(TransportError):
+    """The peer closed the connection."""
+
+
+class Meter(Protocol):
+    """Where a connection adds up the bytes it moves (a node's stats)."""
+
+    bytes_sent: int
+    bytes_received: int
+
+
+class _Bytes:
+    bytes_sent = 0
+    bytes_received = 0
+
+
+class Connection:
+    def __init__(
+        self,
+        stream: Stream,
+        *,
+        node_id: int,
+        algorithm: str,
+        limits: Limits,
+        meter: Meter | None = None,
+    ) -> None:
+        self.stream = stream
+        self.node_id = node_id
+        self.algorithm = algorithm
+        self.peer_id: int | None = None  # set from the first frame received
+        self.meter = meter if meter is not None else _Bytes()
+        self._decoder = FrameDecoder(limits)
+        self._seq = 0
+        self._peer_seq = -1
+
+    async def send(self, msg: Message) -> None:
+        fields, tensors = to_frame(msg)
+        header = {"sender": self.node_id, "seq": self._seq, "alg": self.algorithm, **fields}
+        self._seq += 1
+        for part in encode(header, tensors):
+            await self.stream.send_all(part)
+            self.meter.bytes_sent += part.nbytes
+
+    async def receive(self, frame_timeout: float | None = None) -> Message:
+        """The next message. Once part of a frame has arrived, the rest must come within
+        ``frame_timeout`` seconds (ProtocolError otherwise), so a stalled sender cannot hold
+        the connection forever. Raises RemoteError if the peer sent an Error."""
+        frame = await self._receive_frame(frame_timeout)
+        msg = from_frame(frame)
+        if isinstance(msg, Error):
+            raise RemoteError(msg.reason)
+        self._check_envelope(frame)
+        return msg
+
+    @property
+    def peer_name(self) -> str:
+        return "an unidentified peer" if self.peer_id is None else f"node {self.peer_id}"
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), contextlib.suppress(TransportError):
+            await self.stream.aclose()
+
+    def _check_envelope(self, frame: Frame) -> None:
+        header = frame.header
+        if header["alg"] != self.algorithm:
+            raise ProtocolError(
+                f"peer runs algorithm {header['alg']!r}; this node runs {self.algorithm!r}"
+            )
+        if self.peer_id is None:
+            self.peer_id = header["sender"]
+        elif header["sender"] != self.peer_id:
+            raise ProtocolError(f"sender id changed from {self.peer_id} to {header['sender']}")
+        if header["seq"] != self._peer_seq + 1:
+            raise ProtocolError(f"sequence number {header['seq']} after {self._peer_seq}")
+        self._peer_seq = header["seq"]
+
+    async def _receive_frame(self, frame_timeout: float | None) -> Frame:
+        deadline = math.inf
+        while (frame := self._decoder.next_frame()) is None:
+            if frame_timeout is not None and deadline == math.inf and not self._decoder.idle:
+                deadline = trio.current_time() + frame_timeout
+            with trio.move_on_at(deadline):
+                n = await self._receive_some()
+            if trio.current_time() >= deadline:
+                raise ProtocolError(f"frame not completed within {frame_timeout:g}s")
+            if n == 0:
+                where = "" if self._decoder.idle else " in the middle of a frame"
+                raise ConnectionClosed(f"peer closed the connection{where}")
+        return frame
+
+    async def _receive_some(self) -> int:
+        view = self._decoder.body_view()
+        if view is not None:
+            n = await self.stream.receive_into(view)
+            if n:
+                self._decoder.body_written(n)
+        else:
+            data = await self.stream.receive_some(RECEIVE_CHUNK)
+            n = len(data)
+            if n:
+                self._decoder.feed(data)
+        self.meter.bytes_received += n
+        return n

@@ -1,0 +1,100 @@
+"""Run one node for real: TCP, stop on SIGTERM/SIGINT, results written to ``--out``.
+
+This is the composition root of ``gossipnode run``: it builds the task, the algorithm and the
+node from a config, and owns the process-level concerns the node should not know about
+(signals, files).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from gossipnode.algorithms import make_algorithm
+from gossipnode.config import ConfigError, NodeConfig
+from gossipnode.node import Emit, Node
+from gossipnode.tasks import TaskError, load_task
+from gossipnode.transport import TcpTransport
+
+log = logging.getLogger("gossipnode.daemon")
+
+SUMMARY_FILE = "summary.json"
+MODEL_FILE = "model.pt"
+INITIAL_MODEL_FILE = "model-initial.pt"
+
+
+def build_node(config: NodeConfig, emit: Emit) -> Node:
+    """A TCP node for ``config``. Raises ConfigError for an unknown task or algorithm."""
+    try:
+        task = load_task(config.task, seed=config.seed, num_nodes=config.num_nodes)
+    except TaskError as exc:
+        raise ConfigError(f"--task: {exc}") from None
+    try:
+        algorithm = make_algorithm(config.algorithm, lr=config.lr)
+    except ValueError as exc:
+        raise ConfigError(f"--algorithm: {exc}") from None
+    transport = TcpTransport(connect_timeout=config.exchange_timeout)
+    return Node(config, transport=transport, task=task, algorithm=algorithm, emit=emit)
+
+
+async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:
+    """Run a node until its duration ends or a signal stops it; returns its summary."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
+    node = build_node(config, emit)
+    if config.out is not None:
+        config.out.mkdir(parents=True, exist_ok=True)
+        save_model(config.out / INITIAL_MODEL_FILE, node.initial_params, config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, node)
+        summary = await node.run()
+        nursery.cancel_scope.cancel()
+    if config.out is not None:
+        save_model(config.out / MODEL_FILE, node.params(), config)
+        _write_atomically(config.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
+    return summary
+
+
+async def _stop_on_signal(node: Node) -> None:
+    # Keep receiving until the node is done, so a second signal (a launcher forwarding a
+    # terminal's Ctrl-C, say) cannot interrupt the orderly stop.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.warning(
+                "node %d: %s received, stopping", node.config.node_id, signal.Signals(signum).name
+            )
+            node.stop()
+
+
+def save_model(path: Path, params: torch.Tensor, config: NodeConfig) -> None:
+    """Save flat parameters with what they belong to; load with ``load_model``."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"params": params, "node": config.node_id, "task": config.task}, tmp)
+    _fsync_rename(tmp, path)
+
+
+def load_model(path: Path) -> torch.Tensor:
+    # weights_only: never unpickle arbitrary objects, even from our own files.
+    data = torch.load(path, weights_only=True)
+    params = data["params"]
+    assert isinstance(params, torch.Tensor)
+    return params
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    _fsync_rename(tmp, path)
+
+
+def _fsync_rename(tmp: Path, path: Path) -> None:
+    with tmp.open("rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

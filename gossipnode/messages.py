@@ -1,0 +1,160 @@
+"""The messages two nodes exchange, and how each maps to a wire frame header. No I/O.
+
+A conversation on one connection::
+
+    dialer                               listener
+    Hello(node_id, task, payload_spec) ->
+                                      <- Hello(...)            (or Error, then close)
+    Exchange(exchange_id, payload)     ->
+                                      <- Reply(exchange_id, payload) | Busy(exchange_id, reason)
+    ... more exchanges, one at a time ...
+
+The dialer of a connection always initiates its exchanges; the listener only answers. So a
+gossip edge uses one connection per direction and no two requests ever cross on a stream.
+An exchange id is chosen by the initiator; sending the same id again is a retry, which the
+responder answers from its cache without applying the update twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gossipnode.wire import DTYPE_NAMES, DTYPES, Frame, ProtocolError
+
+Payload = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The dtype and shape of one payload tensor; both ends must agree on them."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))}{list(self.shape)}"
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tensor.dtype, tuple(tensor.shape))
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    node_id: int
+    task: str
+    payload_spec: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    exchange_id: int
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    exchange_id: int
+    payload: Payload
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    exchange_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """Sent before closing a connection because of the peer's fault; the reason is for humans."""
+
+    reason: str
+
+
+Message = Hello | Exchange | Reply | Busy | Error
+
+
+def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
+    """The message-specific header fields (type included) and the tensors of ``msg``."""
+    match msg:
+        case Hello(node_id, task, spec):
+            table = [[DTYPE_NAMES[s.dtype], list(s.shape)] for s in spec]
+            return {"type": "hello", "node_id": node_id, "task": task, "payload_spec": table}, ()
+        case Exchange(exchange_id, payload):
+            return {"type": "exchange", "exchange_id": exchange_id}, payload
+        case Reply(exchange_id, payload):
+            return {"type": "reply", "exchange_id": exchange_id}, payload
+        case Busy(exchange_id, reason):
+            return {"type": "busy", "exchange_id": exchange_id, "reason": reason}, ()
+        case Error(reason):
+            return {"type": "error", "reason": reason}, ()
+
+
+def from_frame(frame: Frame) -> Message:
+    """The message a decoded frame carries. Raises ProtocolError if its fields are wrong."""
+    h = frame.header
+    match frame.type:
+        case "hello":
+            return Hello(_int(h, "node_id"), _str(h, "task"), _spec(h.get("payload_spec")))
+        case "exchange":
+            return Exchange(_int(h, "exchange_id"), frame.tensors)
+        case "reply":
+            return Reply(_int(h, "exchange_id"), frame.tensors)
+        case "busy":
+            return Busy(_int(h, "exchange_id"), _str(h, "reason"))
+        case "error":
+            return Error(_str(h, "reason"))
+        case other:
+            raise ProtocolError(f"unknown message type {other!r}")
+
+
+def check_payload(payload: Payload, spec: tuple[TensorSpec, ...]) -> None:
+    """Refuse a payload whose dtypes or shapes differ from ``spec`` or that holds NaN or inf."""
+    got = tuple(TensorSpec.of(t) for t in payload)
+    if got != spec:
+        raise ProtocolError(
+            f"payload is {', '.join(map(str, got)) or 'empty'}; "
+            f"expected {', '.join(map(str, spec))}"
+        )
+    for i, t in enumerate(payload):
+        # Any NaN or inf makes the sum non-finite; only then pay for the exact check
+        # (a finite tensor can still overflow its sum).
+        if t.is_floating_point() and not (
+            bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+        ):
+            raise ProtocolError(f"payload tensor {i} holds NaN or infinite values")
+
+
+def _int(h: dict[str, Any], key: str) -> int:
+    value = h.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _str(h: dict[str, Any], key: str) -> str:
+    value = h.get(key)
+    if not isinstance(value, str):
+        raise ProtocolError(f"field {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _spec(table: object) -> tuple[TensorSpec, ...]:
+    if not isinstance(table, list):
+        raise ProtocolError("field 'payload_spec' must be a list")
+    specs = []
+    for entry in table:
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and entry[0] in DTYPES
+            and isinstance(entry[1], list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[1])
+        )
+        if not ok:
+            raise ProtocolError(f"bad payload_spec entry {entry!r}")
+        specs.append(TensorSpec(DTYPES[entry[0]], tuple(entry[1])))
+    return tuple(specs)

@@ -1,0 +1,456 @@
+"""One gossipnode peer: the trio shell where time, concurrency and I/O meet the pure core.
+
+A node runs, in one nursery:
+
+* the accept loop: each inbound connection gets a task that answers exchanges;
+* the compute loop: gradient steps on a Poisson clock of rate ``grad_rate`` (or back to back),
+  each computed in a worker thread on a snapshot of the model and applied when it returns;
+* one gossip clock per incident edge, of rate lambda/2 at each end, so that the two ends
+  together fire the edge at rate lambda; each tick initiates one exchange on that edge;
+* the progress reporter.
+
+Who owns the state: the trio thread. ``self.state`` is read and written only by synchronous
+code between awaits (``_apply_*``), which trio never interleaves, so there are no locks and
+no update ever sees half of another. Worker threads only ever see copies.
+
+An exchange: the initiator sends its payload with a fresh exchange id; the responder applies
+``mix(own, received)`` and replies with its own payload; the initiator applies on the reply.
+If the reply never comes the initiator keeps the exchange pending and repeats it, same id and
+payload, on the next tick of that edge; the responder answers a repeat from its reply cache
+without applying twice. So a lost reply heals into a late but two-sided update, and only an
+exchange abandoned after ``MAX_ATTEMPTS`` can be one-sided (and is counted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+import trio
+
+from gossipnode.algorithms import Algorithm, Payload
+from gossipnode.clocks import Backoff, PoissonClock
+from gossipnode.config import NodeConfig
+from gossipnode.connection import Connection, RemoteError
+from gossipnode.learner import Learner
+from gossipnode.messages import (
+    Busy,
+    Error,
+    Exchange,
+    Hello,
+    Message,
+    Reply,
+    TensorSpec,
+    check_payload,
+)
+from gossipnode.stats import Outcome, Stats
+from gossipnode.tasks import Task
+from gossipnode.transport import Address, Stream, Transport, TransportError
+from gossipnode.wire import ProtocolError
+
+log = logging.getLogger("gossipnode.node")
+
+MAX_ATTEMPTS = 3  # tries of one exchange before it is abandoned as possibly one-sided
+T = TypeVar("T")
+Emit = Callable[[str, dict[str, Any]], None]
+
+
+def _ignore(kind: str, fields: dict[str, Any]) -> None:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An exchange whose reply has not been applied yet."""
+
+    exchange_id: int
+    sent: Payload
+    attempts: int = 0
+
+
+@dataclass(eq=False)
+class Peer:
+    """One incident edge, as this node sees it: where to dial, how often, and its state."""
+
+    address: Address
+    rate: float  # exchanges per second on this edge, both ends together
+    rng: random.Random  # this edge's clock and exchange ids
+    backoff: Backoff
+    node_id: int | None = None  # learned in the handshake
+    conn: Connection | None = None
+    pending: Pending | None = None
+    up: bool = True  # last connection attempt worked; logs only the transitions
+
+
+@dataclass(eq=False)
+class Node:
+    config: NodeConfig
+    transport: Transport
+    task: Task
+    algorithm: Algorithm
+    emit: Emit = _ignore
+    threaded: bool = True  # compute gradients in a worker thread (off in virtual time)
+
+    stats: Stats = field(default_factory=Stats, init=False)
+    address: Address | None = field(default=None, init=False)  # bound, once serving
+
+    def __post_init__(self) -> None:
+        cfg = self.config
+        model_seed = cfg.seed if cfg.init == "shared" else _mix(cfg.seed, cfg.node_id)
+        self.learner = Learner(
+            self.task,
+            cfg.node_id,
+            model_seed=model_seed,
+            batch_seed=_mix(cfg.seed, cfg.node_id, 1),
+            batch_size=cfg.batch_size,
+        )
+        self.initial_params = self.learner.initial_params()
+        self.state = self.algorithm.init(self.initial_params)
+        self.spec = tuple(TensorSpec.of(t) for t in self.algorithm.payload(self.state, 0.0))
+        self.peers = [
+            Peer(
+                addr,
+                cfg.gossip_rate,
+                self._rng("edge", str(addr)),
+                Backoff(self._rng("backoff", str(addr))),
+            )
+            for addr in cfg.peers
+        ]
+        self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
+        self._initiating = False
+        self._mixes = 0
+        self._t0 = 0.0
+        self._cancel = trio.CancelScope()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
+    ) -> dict[str, Any]:
+        """Serve, train and gossip until ``duration`` ends or ``stop()``; return the summary."""
+        self._t0 = trio.current_time()
+        with self._cancel, trio.move_on_after(self.config.duration or math.inf):
+            async with trio.open_nursery() as nursery:
+                self.address = await nursery.start(
+                    self.transport.serve, self.config.listen, self._serve_peer
+                )
+                log.info("node %d listening on %s", self.config.node_id, self.address)
+                nursery.start_soon(self._compute_loop)
+                for peer in self.peers:
+                    nursery.start_soon(self._edge_loop, peer)
+                if self.config.progress_every > 0:
+                    nursery.start_soon(self._progress_loop)
+                task_status.started(self.address)
+        for peer in self.peers:
+            await self._disconnect(peer)
+        summary = await self.summary()
+        self.emit("summary", summary)
+        return summary
+
+    def stop(self) -> None:
+        """Stop soon: an exchange in flight may finish (within its timeout), then all ends."""
+        self._cancel.cancel()
+
+    def now(self) -> float:
+        return trio.current_time() - self._t0
+
+    async def summary(self) -> dict[str, Any]:
+        metrics = await self._offload(self.learner.evaluate, self.params())
+        return {
+            "node": self.config.node_id,
+            "elapsed": self.now(),
+            **metrics,
+            **self.stats.snapshot(),
+        }
+
+    def params(self) -> torch.Tensor:
+        """A copy of the current model parameters (flat)."""
+        return self.algorithm.params(self.state).detach().clone()
+
+    # ------------------------------------------------------------------ compute
+
+    async def _compute_loop(self) -> None:
+        rate = self.config.grad_rate
+        if rate == 0:
+            return
+        clock = PoissonClock(rate, self._rng("grad"), trio.current_time()) if rate else None
+        while True:
+            if clock is None:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep_until(clock.next)
+                clock.pop_due(trio.current_time())
+            await self._gradient_step()
+
+    async def _gradient_step(self) -> None:
+        snapshot = self.params()
+        mixes_before = self._mixes
+        grad, loss = await self._offload(self.learner.gradient, snapshot)
+        if not (math.isfinite(loss) and bool(torch.isfinite(grad.sum()))):
+            self.stats.bad_gradients += 1
+            log.warning("node %d: non-finite loss or gradient; step skipped", self.config.node_id)
+            return
+        self.state = self.algorithm.apply_gradient(self.state, grad, self.now())
+        self.stats.gradient(loss, staleness=self._mixes - mixes_before)
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.threaded:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
+
+    # ------------------------------------------------------------------ initiating
+
+    async def _edge_loop(self, peer: Peer) -> None:
+        if peer.rate <= 0:
+            return
+        clock = PoissonClock(peer.rate / 2, peer.rng, trio.current_time())
+        while True:
+            await trio.sleep_until(clock.next)
+            clock.pop_due(trio.current_time())
+            if self._initiating:  # Poisson thinning: one exchange of ours at a time
+                self.stats.count(Outcome.SKIPPED_BUSY)
+                continue
+            self._initiating = True
+            try:
+                self.stats.count(await self._initiate(peer))
+            finally:
+                self._initiating = False
+            # Ticks of this edge that fell during its own exchange are thinned too.
+            self.stats.count(Outcome.SKIPPED_BUSY, clock.pop_due(trio.current_time()))
+
+    async def _initiate(self, peer: Peer) -> Outcome:
+        conn = await self._connection(peer)
+        if conn is None:
+            return Outcome.SKIPPED_UNREACHABLE
+        if peer.pending is None:
+            payload = self.algorithm.payload(self.state, self.now())
+            peer.pending = Pending(peer.rng.getrandbits(63), payload)
+        pending = peer.pending
+        try:
+            # Shielded: stop() lets an exchange in flight finish, within its timeout.
+            with trio.CancelScope(shield=True), trio.fail_after(self.config.exchange_timeout):
+                await conn.send(Exchange(pending.exchange_id, pending.sent))
+                reply = await conn.receive()
+            return self._apply_reply(peer, pending, reply)
+        except trio.TooSlowError:
+            return await self._exchange_failed(peer, Outcome.TIMED_OUT, "no reply in time")
+        except (TransportError, ProtocolError, RemoteError) as exc:
+            return await self._exchange_failed(peer, Outcome.FAILED, str(exc))
+
+    def _apply_reply(self, peer: Peer, pending: Pending, reply: Message) -> Outcome:
+        match reply:
+            case Reply(exchange_id, payload) if exchange_id == pending.exchange_id:
+                check_payload(payload, self.spec)
+                self.state = self.algorithm.mix(self.state, pending.sent, payload, self.now())
+                self._mixes += 1
+                peer.pending = None
+                return Outcome.RECONCILED if pending.attempts else Outcome.OK
+            case Busy(exchange_id, _) if exchange_id == pending.exchange_id:
+                peer.pending = None  # the peer applied nothing; neither do we
+                return Outcome.REFUSED
+            case _:
+                raise ProtocolError(f"unexpected answer {type(reply).__name__} to an exchange")
+
+    async def _exchange_failed(self, peer: Peer, outcome: Outcome, reason: str) -> Outcome:
+        log.info(
+            "node %d: exchange with %s %s: %s",
+            self.config.node_id,
+            peer.address,
+            outcome.value.replace("_", " "),
+            reason,
+        )
+        await self._disconnect(peer)
+        pending = peer.pending
+        if pending is not None:
+            if pending.attempts + 1 >= MAX_ATTEMPTS:
+                log.warning(
+                    "node %d: gave up exchange %x with %s after %d attempts; the peer "
+                    "may have applied it alone",
+                    self.config.node_id,
+                    pending.exchange_id,
+                    peer.address,
+                    MAX_ATTEMPTS,
+                )
+                peer.pending = None
+                self.stats.count(Outcome.ONE_SIDED)
+            else:
+                peer.pending = Pending(pending.exchange_id, pending.sent, pending.attempts + 1)
+        return outcome
+
+    async def _connection(self, peer: Peer) -> Connection | None:
+        """The connection to ``peer``, dialing if there is none and backoff allows."""
+        if peer.conn is not None:
+            return peer.conn
+        now = trio.current_time()
+        if not peer.backoff.ready(now):
+            return None
+        try:
+            with trio.fail_after(self.config.exchange_timeout):
+                peer.conn = await self._dial(peer.address)
+        except (TransportError, ProtocolError, RemoteError, trio.TooSlowError) as exc:
+            delay = peer.backoff.failed(now)
+            level = logging.WARNING if peer.up else logging.DEBUG
+            log.log(
+                level,
+                "node %d: cannot reach %s (%s); retrying in %.1fs",
+                self.config.node_id,
+                peer.address,
+                exc or "timed out",
+                delay,
+            )
+            peer.up = False
+            return None
+        peer.backoff.succeeded()
+        peer.node_id = peer.conn.peer_id
+        if not peer.up:
+            log.warning("node %d: reached %s again", self.config.node_id, peer.address)
+        peer.up = True
+        return peer.conn
+
+    async def _dial(self, address: Address) -> Connection:
+        conn = self._connection_for(await self.transport.connect(address))
+        try:
+            await conn.send(self._hello())
+            self._check_hello(await conn.receive())
+        except BaseException:
+            await conn.aclose()
+            raise
+        return conn
+
+    async def _disconnect(self, peer: Peer) -> None:
+        if peer.conn is not None:
+            conn, peer.conn = peer.conn, None
+            await conn.aclose()
+
+    # ------------------------------------------------------------------ answering
+
+    async def _serve_peer(self, stream: Stream) -> None:
+        """Answer one dialer: a handshake, then its exchanges, until it goes or misbehaves."""
+        conn = self._connection_for(stream)
+        timeout = self.config.exchange_timeout
+        try:
+            with _within(timeout, ProtocolError, "no handshake"):
+                hello = self._check_hello(await conn.receive())
+                await conn.send(self._hello())
+            while True:
+                msg = await conn.receive(frame_timeout=timeout)
+                if not isinstance(msg, Exchange):
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from a dialer")
+                await self._answer(conn, hello.node_id, msg)
+        except ProtocolError as exc:
+            reason = str(exc)
+            self.stats.count(Outcome.REJECTED)
+            log.warning(
+                "node %d: dropping connection from %s: %s",
+                self.config.node_id,
+                conn.peer_name,
+                reason,
+            )
+            await self._send_error(conn, reason)
+        except RemoteError as exc:
+            log.warning("node %d: %s refused us: %s", self.config.node_id, conn.peer_name, exc)
+        except TransportError as exc:
+            log.debug(
+                "node %d: connection from %s ended: %s", self.config.node_id, conn.peer_name, exc
+            )
+        finally:
+            await conn.aclose()
+
+    async def _answer(self, conn: Connection, peer_id: int, request: Exchange) -> None:
+        check_payload(request.payload, self.spec)
+        cached = self._replies.get(peer_id)
+        if cached is not None and cached[0] == request.exchange_id:
+            reply = cached[1]  # a retry: applied already, answer the same again
+            self.stats.count(Outcome.RETRIED)
+        else:
+            reply = self.algorithm.payload(self.state, self.now())
+            self.state = self.algorithm.mix(self.state, reply, request.payload, self.now())
+            self._mixes += 1
+            self._replies[peer_id] = (request.exchange_id, reply)
+            self.stats.count(Outcome.SERVED)
+        # Applied already: deliver the reply even if we are stopping. If it is lost anyway,
+        # the initiator's retry will be answered from the cache.
+        timeout = self.config.exchange_timeout
+        with trio.CancelScope(shield=True), _within(timeout, TransportError, "reply not sent"):
+            await conn.send(Reply(request.exchange_id, reply))
+
+    async def _send_error(self, conn: Connection, reason: str) -> None:
+        with trio.move_on_after(1.0), contextlib.suppress(TransportError):
+            await conn.send(Error(reason[:1000]))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _hello(self) -> Hello:
+        return Hello(self.config.node_id, self.task.name, self.spec)
+
+    def _check_hello(self, msg: Message) -> Hello:
+        if not isinstance(msg, Hello):
+            raise ProtocolError(f"expected Hello, got {type(msg).__name__}")
+        if msg.node_id == self.config.node_id:
+            raise ProtocolError(f"peer claims this node's own id {msg.node_id}")
+        if msg.task != self.task.name:
+            raise ProtocolError(
+                f"peer trains task {msg.task!r}; this node trains {self.task.name!r}"
+            )
+        if msg.payload_spec != self.spec:
+            theirs = ", ".join(map(str, msg.payload_spec))
+            ours = ", ".join(map(str, self.spec))
+            raise ProtocolError(f"peer's payload is {theirs}; this node's is {ours}")
+        return msg
+
+    def _connection_for(self, stream: Stream) -> Connection:
+        return Connection(
+            stream,
+            node_id=self.config.node_id,
+            algorithm=self.algorithm.name,
+            limits=self.config.limits,
+            meter=self.stats,
+        )
+
+    def _rng(self, *purpose: str) -> random.Random:
+        return random.Random(f"{self.config.seed}/{self.config.node_id}/{'/'.join(purpose)}")
+
+    async def _progress_loop(self) -> None:
+        last, t_last = self.stats.snapshot(), self.now()
+        while True:
+            await trio.sleep(self.config.progress_every)
+            metrics = await self._offload(self.learner.evaluate, self.params())
+            snap, t = self.stats.snapshot(), self.now()
+            dt = max(t - t_last, 1e-9)
+            moved = snap["bytes_sent"] + snap["bytes_received"]
+            moved -= last["bytes_sent"] + last["bytes_received"]
+            self.emit(
+                "progress",
+                {
+                    "node": self.config.node_id,
+                    "elapsed": t,
+                    "gradients": snap["gradients"],
+                    "train_loss": snap["train_loss"],
+                    **metrics,
+                    "exchanges_per_s": (snap["mixes"] - last["mixes"]) / dt,
+                    "bytes_per_s": moved / dt,
+                    "peers_up": sum(p.conn is not None for p in self.peers),
+                },
+            )
+            last, t_last = snap, t
+
+
+@contextlib.contextmanager
+def _within(seconds: float, error: type[Exception], what: str) -> Iterator[None]:
+    """A deadline that raises ``error("<what> within <seconds>s")`` when missed."""
+    try:
+        with trio.fail_after(seconds):
+            yield
+    except trio.TooSlowError:
+        raise error(f"{what} within {seconds:g}s") from None
+
+
+def _mix(*parts: int) -> int:
+    """A seed derived from several integers, stable across runs and platforms."""
+    return random.Random("/".join(map(str, parts))).getrandbits(31)

@@ -1,0 +1,64 @@
+"""What a node counts: gradients, exchanges by outcome, bytes, staleness, training loss."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Outcome(StrEnum):
+    """How one gossip event ended, from this node's point of view."""
+
+    OK = "ok"  # we initiated, both ends applied
+    SERVED = "served"  # a neighbour initiated, we applied and replied
+    RETRIED = "retried"  # a neighbour repeated a request; answered from the cache, not re-applied
+    RECONCILED = "reconciled"  # an exchange left unconfirmed earlier completed on a retry
+    SKIPPED_BUSY = "skipped_busy"  # our clock fired while another of our exchanges was in flight
+    SKIPPED_UNREACHABLE = "skipped_unreachable"  # no connection to the peer (down or backing off)
+    REFUSED = "refused"  # the peer answered Busy: neither end applied
+    FAILED = "failed"  # the connection broke or the peer broke the protocol mid-exchange
+    TIMED_OUT = "timed_out"  # no reply within --exchange-timeout
+    ONE_SIDED = "one_sided"  # gave up on an unconfirmed exchange the peer may have applied alone
+    REJECTED = "rejected"  # dropped an inbound connection for bad input
+
+
+@dataclass
+class Stats:
+    gradients: int = 0
+    bad_gradients: int = 0  # non-finite loss or gradient: not applied
+    staleness_total: int = 0  # mixes applied while gradients were being computed
+    staleness_max: int = 0
+    loss: float | None = None  # moving average of the training loss
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    exchanges: Counter[str] = field(default_factory=Counter)
+
+    def gradient(self, loss: float, staleness: int) -> None:
+        self.gradients += 1
+        self.staleness_total += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+        self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+
+    def count(self, outcome: Outcome, n: int = 1) -> None:
+        if n:
+            self.exchanges[outcome.value] += n
+
+    @property
+    def mixes(self) -> int:
+        """Exchanges this node applied."""
+        return sum(self.exchanges[o] for o in (Outcome.OK, Outcome.SERVED, Outcome.RECONCILED))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "gradients": self.gradients,
+            "bad_gradients": self.bad_gradients,
+            "staleness_mean": self.staleness_total / self.gradients if self.gradients else 0.0,
+            "staleness_max": self.staleness_max,
+            "train_loss": self.loss,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "mixes": self.mixes,
+            "exchanges": {o.value: self.exchanges[o.value] for o in Outcome},
+        }

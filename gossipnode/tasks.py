@@ -1,0 +1,270 @@
+"""Learning tasks: a model, each node's data, a loss and an evaluation. No I/O, no clocks.
+
+A task is built once per process by a factory called as ``factory(seed=..., num_nodes=...)``;
+every node of a cluster builds the same task from the same seed, so the data split (and, for
+``logreg``, the exact optimum) agrees everywhere without any coordination.
+
+Built in: ``logreg`` (synthetic L2-regularised logistic regression, strongly convex, with mu,
+L and the optimum known) and ``digits`` (scikit-learn's bundled 8x8 digits, a small MLP,
+non-IID Dirichlet split). A user task is given as ``package.module:factory``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class Dataset:
+    x: torch.Tensor  # (m, ...) inputs
+    y: torch.Tensor  # (m, ...) targets
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+class Task(Protocol):
+    """What gossipnode needs to train a model on a node. See README, "Writing a task"."""
+
+    name: str
+
+    def make_model(self, seed: int) -> nn.Module:
+        """A freshly initialised model; the same seed must give the same weights."""
+        ...
+
+    def shard(self, node: int) -> Dataset:
+        """Node ``node``'s training data (0 <= node < num_nodes)."""
+        ...
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss of ``model`` on a batch."""
+        ...
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Held-out metrics of ``model``, e.g. accuracy; the same data on every node."""
+        ...
+
+
+TaskFactory = Callable[..., Task]
+
+
+class TaskError(Exception):
+    """The task could not be found or built; the message says why."""
+
+
+# ---------------------------------------------------------------------------- logreg
+
+
+class LogReg:
+    """L2-regularised logistic regression on synthetic, node-heterogeneous data.
+
+    f_i(w) = mean_k log(1 + exp(-s_k a_k.w)) + reg/2 |w|^2 over node i's points (a_k with a
+    constant 1 for the bias, s_k = +-1), and f = mean_i f_i. It is ``mu``-strongly convex and
+    ``L``-smooth with the constants below; ``optimum`` minimises f to machine precision.
+    """
+
+    name = "logreg"
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        num_nodes: int,
+        dim: int = 10,
+        samples: int = 100,
+        reg: float = 0.01,
+        spread: float = 1.0,
+    ) -> None:
+        gen = torch.Generator().manual_seed(_seed("logreg-data", seed))
+        w_true = torch.randn(dim + 1, generator=gen, dtype=torch.float64)
+        self.reg = reg
+        self._shards = [self._draw(w_true, samples, dim, spread, gen) for _ in range(num_nodes)]
+        self._test = self._draw(w_true, 1000, dim, spread, gen)
+        a = torch.cat([s.x for s in self._shards])  # (n*m, d+1)
+        self.mu = reg
+        self.L = max(_lambda_max(s.x) / (4 * len(s)) for s in self._shards) + reg
+        self.optimum = self._newton(a, torch.cat([s.y for s in self._shards]))
+        self.optimal_value = self.objective(self.optimum)
+
+    @staticmethod
+    def _draw(w: torch.Tensor, m: int, dim: int, spread: float, gen: torch.Generator) -> Dataset:
+        centre = spread * torch.randn(dim, generator=gen, dtype=torch.float64)
+        feats = centre + torch.randn(m, dim, generator=gen, dtype=torch.float64)
+        a = torch.cat([feats, torch.ones(m, 1, dtype=torch.float64)], dim=1)  # (m, d+1)
+        p = torch.sigmoid(a @ w)
+        s = torch.where(torch.rand(m, generator=gen, dtype=torch.float64) < p, 1.0, -1.0)
+        return Dataset(a, s.to(torch.float64))
+
+    def make_model(self, seed: int) -> nn.Module:
+        model = nn.Linear(self._shards[0].x.shape[1], 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            model.weight.copy_(
+                torch.randn(
+                    model.weight.shape,
+                    generator=torch.Generator().manual_seed(_seed("logreg-init", seed)),
+                    dtype=torch.float64,
+                )
+            )
+        return model
+
+    def shard(self, node: int) -> Dataset:
+        return self._shards[node]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        margins = y * model(x).squeeze(-1)
+        weight = next(model.parameters())
+        return F.softplus(-margins).mean() + 0.5 * self.reg * weight.pow(2).sum()
+
+    def objective(self, w: torch.Tensor) -> float:
+        """f(w) = mean_i f_i(w), for a flat parameter vector w."""
+        values = [
+            F.softplus(-s.y * (s.x @ w)).mean() + 0.5 * self.reg * w.dot(w) for s in self._shards
+        ]
+        return float(torch.stack(values).mean())
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        w = next(model.parameters()).detach().reshape(-1).to(torch.float64)
+        accuracy = ((self._test.x @ w).sign() == self._test.y).double().mean()
+        value = self.objective(w)
+        return {
+            "loss": value,
+            "accuracy": float(accuracy),
+            "suboptimality": value - self.optimal_value,
+        }
+
+    def _newton(self, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # Every shard has the same size, so mean_i f_i is the mean over all points.
+        w = torch.zeros(a.shape[1], dtype=torch.float64)
+        eye = torch.eye(a.shape[1], dtype=torch.float64)
+        for _ in range(100):
+            p = torch.sigmoid(-s * (a @ w))  # (N,)
+            grad = -(a * (s * p)[:, None]).mean(0) + self.reg * w
+            hess = (a.T * (p * (1 - p))) @ a / len(a) + self.reg * eye
+            step = torch.linalg.solve(hess, grad)
+            w -= step
+            if float(step.norm()) < 1e-13 * (1 + float(w.norm())):
+                break
+        return w
+
+
+def _seed(purpose: str, seed: int) -> int:
+    """Independent generator seeds for independent purposes."""
+    return random.Random(f"{purpose}/{seed}").getrandbits(63)
+
+
+def _lambda_max(a: torch.Tensor) -> float:
+    return float(torch.linalg.eigvalsh(a.T @ a)[-1])
+
+
+# ---------------------------------------------------------------------------- digits
+
+
+class Digits:
+    """scikit-learn's 8x8 digits (1,797 images, shipped with the package), a small MLP.
+
+    20% of the images, chosen by the seed, are the common test set. The rest is split across
+    nodes non-IID: each class is divided by proportions drawn from Dirichlet(alpha), so a
+    small alpha gives each node a few dominant classes.
+    """
+
+    name = "digits"
+
+    def __init__(self, *, seed: int, num_nodes: int, alpha: float = 0.5, hidden: int = 64) -> None:
+        from sklearn.datasets import load_digits  # heavy import, only for this task
+
+        x, y = load_digits(return_X_y=True)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(y))
+        n_test = len(y) // 5
+        test, train = order[:n_test], order[n_test:]
+        self.hidden = hidden
+        self._x = torch.tensor(x / 16.0, dtype=torch.float32)
+        self._y = torch.tensor(y, dtype=torch.int64)
+        self._test = Dataset(self._x[test], self._y[test])
+        self._parts = dirichlet_split(y[train], num_nodes, alpha, rng)
+        self._train = train
+
+    def make_model(self, seed: int) -> nn.Module:
+        # nn.Linear draws its initial weights from torch's global generator.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def shard(self, node: int) -> Dataset:
+        idx = torch.as_tensor(self._train[self._parts[node]])
+        return Dataset(self._x[idx], self._y[idx])
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            logits = model(self._test.x)
+            return {
+                "loss": float(F.cross_entropy(logits, self._test.y)),
+                "accuracy": float((logits.argmax(1) == self._test.y).float().mean()),
+            }
+
+
+def dirichlet_split(
+    labels: np.ndarray, parts: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split indices of ``labels`` into ``parts`` non-IID parts, none empty (if possible)."""
+    chunks: list[list[int]] = [[] for _ in range(parts)]
+    for label in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == label))
+        cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(idx)).astype(int)[:-1]
+        for part, piece in enumerate(np.split(idx, cuts)):
+            chunks[part].extend(piece.tolist())
+    # A tiny part can come out empty; give it one example from the largest part.
+    for part in range(parts):
+        if not chunks[part]:
+            donor = max(range(parts), key=lambda p: len(chunks[p]))
+            if len(chunks[donor]) > 1:
+                chunks[part].append(chunks[donor].pop())
+    return [np.array(sorted(c), dtype=np.int64) for c in chunks]
+
+
+# ---------------------------------------------------------------------------- loading
+
+BUILTIN: dict[str, TaskFactory] = {"logreg": LogReg, "digits": Digits}
+
+
+def find_factory(spec: str) -> TaskFactory:
+    """The factory for a built-in task name or for ``package.module:factory``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskError(
+            f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or package.module:factory"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise TaskError(f"task {spec!r}: cannot import {module_name}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise TaskError(f"task {spec!r}: {module_name} has no callable {attr!r}")
+    return factory  # type: ignore[no-any-return]
+
+
+def load_task(spec: str, *, seed: int, num_nodes: int) -> Task:
+    factory = find_factory(spec)
+    try:
+        task = factory(seed=seed, num_nodes=num_nodes)
+    except Exception as exc:
+        raise TaskError(f"task {spec!r} failed to build: {type(exc).__name__}: {exc}") from exc
+    for method in ("make_model", "shard", "loss", "evaluate"):
+        if not callable(getattr(task, method, None)):
+            raise TaskError(f"task {spec!r}: the object built has no {method}() method")
+    return task
