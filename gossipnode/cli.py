@@ -138,7 +138,6 @@ def _run_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
     import trio
 
     from gossipnode.config import ConfigError
-    from gossipnode.transport import TransportError
 
     try:
         return trio.run(lambda: fn(*args, **kwargs))
@@ -146,8 +145,6 @@ def _run_async(fn: Any, *args: Any, **kwargs: Any) -> Any:
         leaf = _single_leaf(exc)
         if isinstance(leaf, ConfigError):
             fail(str(leaf))
-        if isinstance(leaf, TransportError):
-            fail(f"network: {leaf}")
         if isinstance(leaf, KeyboardInterrupt):
             raise typer.Exit(130) from None
         raise

@@ -71,7 +71,8 @@ def node_command(
     if neighbours:
         cmd += ["--peers", ",".join(f"127.0.0.1:{ports[j]}" for j in neighbours)]
     for key, value in options.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        cmd += [flag] if value is True else [flag, str(value)]
     return cmd
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from gossipnode.algorithms import make_algorithm
 from gossipnode.config import ConfigError, NodeConfig
 from gossipnode.node import Emit, Node
 from gossipnode.tasks import TaskError, load_task
-from gossipnode.transport import TcpTransport
+from gossipnode.transport import TcpTransport, TransportError
 
 log = logging.getLogger("gossipnode.daemon")
 
@@ -52,10 +53,14 @@ async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:
     if config.out is not None:
         config.out.mkdir(parents=True, exist_ok=True)
         save_model(config.out / INITIAL_MODEL_FILE, node.initial_params, config)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, node)
-        summary = await node.run()
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, node)
+            summary = await node.run()
+            nursery.cancel_scope.cancel()
+    except* TransportError as group:  # the only one a node lets out: it could not listen
+        reason = next(_leaves(group))
+        raise ConfigError(f"--listen: cannot listen on {config.listen}: {reason}") from None
     if config.out is not None:
         save_model(config.out / MODEL_FILE, node.params(), config)
         _write_atomically(config.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
@@ -71,6 +76,14 @@ async def _stop_on_signal(node: Node) -> None:
                 "node %d: %s received, stopping", node.config.node_id, signal.Signals(signum).name
             )
             node.stop()
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 def save_model(path: Path, params: torch.Tensor, config: NodeConfig) -> None:

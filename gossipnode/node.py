@@ -135,20 +135,23 @@ class Node:
     ) -> dict[str, Any]:
         """Serve, train and gossip until ``duration`` ends or ``stop()``; return the summary."""
         self._t0 = trio.current_time()
-        with self._cancel, trio.move_on_after(self.config.duration or math.inf):
-            async with trio.open_nursery() as nursery:
-                self.address = await nursery.start(
-                    self.transport.serve, self.config.listen, self._serve_peer
-                )
-                log.info("node %d listening on %s", self.config.node_id, self.address)
-                nursery.start_soon(self._compute_loop)
+        try:
+            with self._cancel, trio.move_on_after(self.config.duration or math.inf):
+                async with trio.open_nursery() as nursery:
+                    self.address = await nursery.start(
+                        self.transport.serve, self.config.listen, self._serve_peer
+                    )
+                    log.info("node %d listening on %s", self.config.node_id, self.address)
+                    nursery.start_soon(self._compute_loop)
+                    for peer in self.peers:
+                        nursery.start_soon(self._edge_loop, peer)
+                    if self.config.progress_every > 0:
+                        nursery.start_soon(self._progress_loop)
+                    task_status.started(self.address)
+        finally:
+            with trio.CancelScope(shield=True):
                 for peer in self.peers:
-                    nursery.start_soon(self._edge_loop, peer)
-                if self.config.progress_every > 0:
-                    nursery.start_soon(self._progress_loop)
-                task_status.started(self.address)
-        for peer in self.peers:
-            await self._disconnect(peer)
+                    await self._disconnect(peer)
         summary = await self.summary()
         self.emit("summary", summary)
         return summary

@@ -131,8 +131,9 @@ class HookedTransport:
             self.on_connect(stream)
         return stream
 
-    async def serve(self, address: Address, handler: Any, *,
-                    task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, address: Address, handler: Any, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async def wrapped(stream: Stream) -> None:
             hooked = HookedStream(stream)
             if self.on_accept is not None:

@@ -23,6 +23,7 @@ from .helpers import (
     total,
 )
 
+
 async def test_a_ring_trains_and_reaches_consensus(autojump_clock: trio.testing.MockClock) -> None:
     nodes = ring_nodes(6, duration=300.0, gossip_rate=2.0, grad_rate=5.0, lr=0.2)
     start = distance(nodes)
@@ -42,7 +43,9 @@ async def test_a_ring_trains_and_reaches_consensus(autojump_clock: trio.testing.
     assert all(s["exchanges"]["failed"] == 0 for s in summaries)
 
 
-async def test_gossip_alone_conserves_the_sum_and_averages(autojump_clock: trio.testing.MockClock) -> None:
+async def test_gossip_alone_conserves_the_sum_and_averages(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     nodes = ring_nodes(5, duration=100.0, grad_rate=0.0, gossip_rate=4.0)
     before = total(nodes)
     with trio.fail_after(200):
@@ -51,7 +54,9 @@ async def test_gossip_alone_conserves_the_sum_and_averages(autojump_clock: trio.
     assert distance(nodes) < 1e-12 * max(1.0, float(before.norm()))
 
 
-async def test_a_lost_reply_is_retried_and_reconciled_not_applied_twice(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_lost_reply_is_retried_and_reconciled_not_applied_twice(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     network = MemoryNetwork()
     dialer = HookedTransport(network)
 
@@ -75,7 +80,9 @@ async def test_a_lost_reply_is_retried_and_reconciled_not_applied_twice(autojump
     assert distance([a, b]) < 1e-20
 
 
-async def test_an_unreachable_peer_is_skipped_with_backoff_then_joined(autojump_clock: trio.testing.MockClock) -> None:
+async def test_an_unreachable_peer_is_skipped_with_backoff_then_joined(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     network = MemoryNetwork()
     dialer = HookedTransport(network)
     a = make_node(config(0, 2, [1], duration=60.0, gossip_rate=20.0), dialer)
@@ -94,7 +101,9 @@ async def test_an_unreachable_peer_is_skipped_with_backoff_then_joined(autojump_
     assert sa["gradients"] > 500  # and trained all along
 
 
-async def test_stop_lets_the_exchange_in_flight_finish(autojump_clock: trio.testing.MockClock) -> None:
+async def test_stop_lets_the_exchange_in_flight_finish(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     network = MemoryNetwork()
     slow = HookedTransport(network)
     in_flight = trio.Event()
@@ -122,7 +131,9 @@ async def test_stop_lets_the_exchange_in_flight_finish(autojump_clock: trio.test
     assert distance([a, b]) < 1e-20
 
 
-async def test_nodes_that_disagree_refuse_each_other(autojump_clock: trio.testing.MockClock) -> None:
+async def test_nodes_that_disagree_refuse_each_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     network = MemoryNetwork()
     a = make_node(config(0, 2, [1], duration=10.0, grad_rate=0.0), network)
     b = make_node(config(1, 2, [0], duration=10.0, grad_rate=0.0, task="digits"), network)
@@ -137,15 +148,16 @@ async def test_nodes_that_disagree_refuse_each_other(autojump_clock: trio.testin
 async def test_a_peer_claiming_our_id_is_refused(autojump_clock: trio.testing.MockClock) -> None:
     network = MemoryNetwork()
     a = make_node(config(0, 2, [1], duration=5.0, grad_rate=0.0), network)
-    impostor = make_node(config(0, 2, [0], duration=5.0, grad_rate=0.0,
-                                listen=address(1)), network)
+    impostor = make_node(config(0, 2, [0], duration=5.0, grad_rate=0.0, listen=address(1)), network)
     with trio.fail_after(20):
         sa, si = await run_all([a, impostor])
     assert sa["mixes"] == si["mixes"] == 0
     assert sa["exchanges"]["rejected"] >= 1
 
 
-async def test_a_crashed_neighbour_does_not_stop_training(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_crashed_neighbour_does_not_stop_training(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     nodes = ring_nodes(3, duration=60.0)
     async with trio.open_nursery() as nursery:
         for node in nodes:

@@ -53,8 +53,9 @@ def test_digits_split_is_a_non_iid_partition() -> None:
     sizes = [len(task.shard(i)) for i in range(8)]
     assert sum(sizes) == 1797 - 1797 // 5
     assert min(sizes) > 0
-    dominant = [torch.bincount(task.shard(i).y, minlength=10).max() / len(task.shard(i))
-                for i in range(8)]
+    dominant = [
+        torch.bincount(task.shard(i).y, minlength=10).max() / len(task.shard(i)) for i in range(8)
+    ]
     assert max(dominant) > 0.25  # IID would give about 0.1 everywhere
 
 

@@ -7,7 +7,14 @@ import os
 import pytest
 import trio
 
-from gossipnode.transport import Address, MemoryNetwork, Stream, TcpTransport, Transport, TransportError
+from gossipnode.transport import (
+    Address,
+    MemoryNetwork,
+    Stream,
+    TcpTransport,
+    Transport,
+    TransportError,
+)
 
 LOCAL = Address("127.0.0.1", 0)
 BIG = os.urandom(3 * 1024 * 1024 + 17)

@@ -51,10 +51,13 @@ frames = st.tuples(headers, st.lists(tensors(), max_size=4))
 def same(frame: Frame, header: dict, sent: list[torch.Tensor]) -> bool:
     expected = {**header, "v": PROTOCOL_VERSION}
     got = {k: v for k, v in frame.header.items() if k != "tensors"}
-    return got == expected and len(frame.tensors) == len(sent) and all(
-        a.dtype == b.dtype and a.shape == b.shape and
-        raw_bytes(a) == raw_bytes(b)
-        for a, b in zip(frame.tensors, sent, strict=True)
+    return (
+        got == expected
+        and len(frame.tensors) == len(sent)
+        and all(
+            a.dtype == b.dtype and a.shape == b.shape and raw_bytes(a) == raw_bytes(b)
+            for a, b in zip(frame.tensors, sent, strict=True)
+        )
     )
 
 
@@ -198,7 +201,8 @@ def test_golden_bytes() -> None:
         "a3616c67a6676f73736970"  # "alg": "gossip"
         "ab65786368616e67655f696407"  # "exchange_id": 7
         "a17601"  # "v": 1
-        "a774656e736f72739193a7666c6f617433329102" "08"  # "tensors": [["float32", [2], 8]]
+        "a774656e736f72739193a7666c6f617433329102"
+        "08"  # "tensors": [["float32", [2], 8]]
         "0000803f000000c0"  # the tensor: 1.0, -2.0 as little-endian float32
     )
 

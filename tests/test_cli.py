@@ -1,0 +1,121 @@
+"""The command line: bad input is one line on stderr and exit code 2; output formats."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from gossipnode.cli import app, format_event
+
+BASE = ["run", "--id", "0", "--num-nodes", "2", "--listen", "127.0.0.1:0", "--duration", "1"]
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env=env)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--grad-rate", "fast"],
+            "--grad-rate: must be 'max' or a number >= 0 (0 = off), got 'fast'",
+        ),
+        (
+            ["--task", "mnist"],
+            "--task: unknown task 'mnist': use one of logreg, digits or package.module:factory",
+        ),
+        (["--algorithm", "sgp"], "--algorithm: unknown algorithm 'sgp'; known: gossip"),
+        (["--id", "2"], "--id: node id 2 must be below --num-nodes 2 (ids are 0..1)"),
+        (["--peers", "localhost"], "--peers: 'localhost' is not host:port"),
+    ],
+)
+def test_bad_values_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    code, out, err = invoke(*BASE, *args)
+    assert code == 2
+    assert err == f"gossipnode: error: {message}\n"
+    assert out == ""
+
+
+def test_bad_environment_value() -> None:
+    code, _, err = invoke(*BASE, env={"GOSSIPNODE_LR": "-1"})
+    assert code == 2
+    assert err == "gossipnode: error: GOSSIPNODE_LR: must be a finite number > 0, got '-1'\n"
+
+
+def test_a_port_in_use_is_a_listen_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = invoke(*BASE[:-4], "--listen", f"127.0.0.1:{port}", "--task", "logreg")
+    assert code == 2
+    assert err.startswith(f"gossipnode: error: --listen: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    code, _, err = invoke(*BASE, "--config", str(tmp_path / "nope.toml"))
+    assert code == 2
+    assert "--config: no such file" in err
+
+
+def test_a_lone_node_runs_and_prints_json(tmp_path: Path) -> None:
+    code, out, err = invoke(
+        *BASE,
+        "--task",
+        "logreg",
+        "--json",
+        "--progress-every",
+        "0.4",
+        "--grad-rate",
+        "50",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["event"] == "summary"
+    assert events[-1]["gradients"] > 10
+    assert any(e["event"] == "progress" for e in events)
+    assert json.loads((tmp_path / "summary.json").read_text())["node"] == 0
+    assert (tmp_path / "model.pt").exists()
+    assert (tmp_path / "model-initial.pt").exists()
+
+
+def test_the_real_entry_point_exits_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "gossipnode", *BASE, "--lr", "fast"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "gossipnode: error: --lr: must be a number, got 'fast'\n"
+
+
+def test_text_format_of_events() -> None:
+    line = format_event(
+        "progress",
+        {
+            "node": 2,
+            "elapsed": 5.0,
+            "gradients": 10,
+            "train_loss": 0.5,
+            "accuracy": 0.75,
+            "exchanges_per_s": 1.5,
+            "bytes_per_s": 2000.0,
+            "peers_up": 2,
+        },
+    )
+    assert line.startswith("[node 2] t=    5.0s  grads=10")
+    assert "accuracy=0.75" in line
+    assert "peers_up=2" in line
