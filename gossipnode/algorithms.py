@@ -1,13 +1,18 @@
-"""Update rules as pure tensor math: no I/O, no clocks, no randomness of their own.
+"""Update rules as pure functions on tensors: no I/O, no clocks, no randomness of their own.
 
-An ``Algorithm`` turns (state, gradient) into a new state and (state, the payload it sent, the
-payload a neighbour sent back) into a new state. State is a dict of named tensors, so it can
-be checkpointed as it is. Updates work in place on the state's tensors and return the state:
-models can be 100 MB, and a copy per event would cost more than the update.
+An ``Algorithm`` maps (state, gradient) to a new state, and (state, the payload it sent, the
+payload a neighbour sent back) to a new state. A state is a dict of named tensors, so it can
+be checkpointed as it is.
 
-Both ends of an exchange call ``mix`` with the same pair of payloads (each its own as
-``sent``), which is what lets a rule conserve a sum across nodes even when the state moved
-while the exchange was in flight.
+State tensors are values: an update returns new tensors and never writes into one the state
+holds. So a payload, or a snapshot for a gradient thread, can share the state's memory at no
+cost, and stays valid however the state moves on. What an update may write into is what it
+is handed: the gradient and the received payload belong to the algorithm once passed in,
+which is how a 100 MB model is updated without allocating or copying 100 MB.
+
+Both ends of an exchange apply the same pair of payloads, each its own as ``sent``. That is
+what lets a rule conserve a sum across nodes even when the initiator's state moved while the
+exchange was in flight.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ class Algorithm(Protocol):
         ...
 
     def payload(self, state: State, now: float) -> Payload:
-        """What to send a neighbour: new tensors, not views of the state."""
+        """What to send a neighbour."""
         ...
 
     def mix(self, state: State, sent: Payload, received: Payload, now: float) -> State:
@@ -63,17 +68,19 @@ class Gossip:
         return state["x"]
 
     def apply_gradient(self, state: State, grad: torch.Tensor, now: float) -> State:
-        state["x"].add_(grad, alpha=-self.lr)
-        return state
+        return {"x": torch.add(state["x"], grad, alpha=-self.lr, out=grad)}
 
     def payload(self, state: State, now: float) -> Payload:
-        return (state["x"].clone(),)
+        return (state["x"],)
 
     def mix(self, state: State, sent: Payload, received: Payload, now: float) -> State:
-        # x += (x_j - x_i) / 2 with the exchanged pair: if neither end moved meanwhile, both
-        # land on the average; either way the sum over nodes is unchanged.
-        state["x"].add_(received[0], alpha=0.5).sub_(sent[0], alpha=0.5)
-        return state
+        x, (own,), (other,) = state["x"], sent, received
+        if x is own:  # unchanged since sent (state tensors are never written): the average
+            return {"x": torch.lerp(x, other, 0.5, out=other)}
+        # x moved while the exchange was in flight: add half the pair's difference. Both
+        # ends do, so the sum over nodes is unchanged.
+        other.sub_(own)
+        return {"x": torch.add(x, other, alpha=0.5, out=other)}
 
 
 ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gossip": Gossip}

@@ -15,7 +15,15 @@ import trio
 
 from gossipnode.messages import Error, Message, from_frame, to_frame
 from gossipnode.transport import Stream, TransportError
-from gossipnode.wire import Frame, FrameDecoder, Limits, ProtocolError, encode
+from gossipnode.wire import (
+    Allocator,
+    Frame,
+    FrameDecoder,
+    Limits,
+    ProtocolError,
+    allocate_body,
+    encode,
+)
 
 RECEIVE_CHUNK = 64 * 1024
 
@@ -49,13 +57,14 @@ class Connection:
         algorithm: str,
         limits: Limits,
         meter: Meter | None = None,
+        allocate: Allocator = allocate_body,
     ) -> None:
         self.stream = stream
         self.node_id = node_id
         self.algorithm = algorithm
         self.peer_id: int | None = None  # set from the first frame received
         self.meter = meter if meter is not None else _Bytes()
-        self._decoder = FrameDecoder(limits)
+        self._decoder = FrameDecoder(limits, allocate)
         self._seq = 0
         self._peer_seq = -1
 

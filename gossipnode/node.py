@@ -9,9 +9,10 @@ A node runs, in one nursery:
   together fire the edge at rate lambda; each tick initiates one exchange on that edge;
 * the progress reporter.
 
-Who owns the state: the trio thread. ``self.state`` is read and written only by synchronous
-code between awaits (``_apply_*``), which trio never interleaves, so there are no locks and
-no update ever sees half of another. Worker threads only ever see copies.
+Who owns the state: the trio thread. ``self.state`` is replaced only by synchronous code
+between awaits, which trio never interleaves, so there are no locks and no update ever sees
+half of another. State tensors are never written in place (see ``algorithms``), so a worker
+thread computing a gradient, or a payload on its way out, can use them without a copy.
 
 An exchange: the initiator sends its payload with a fresh exchange id; the responder applies
 ``mix(own, received)`` and replies with its own payload; the initiator applies on the reply.
@@ -52,7 +53,7 @@ from gossipnode.messages import (
 from gossipnode.stats import Outcome, Stats
 from gossipnode.tasks import Task
 from gossipnode.transport import Address, Stream, Transport, TransportError
-from gossipnode.wire import ProtocolError
+from gossipnode.wire import BufferPool, ProtocolError
 
 log = logging.getLogger("gossipnode.node")
 
@@ -123,6 +124,7 @@ class Node:
             for addr in cfg.peers
         ]
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
+        self._buffers = BufferPool()  # receive buffers, shared by all connections
         self._initiating = False
         self._mixes = 0
         self._t0 = 0.0
@@ -164,7 +166,7 @@ class Node:
         return trio.current_time() - self._t0
 
     async def summary(self) -> dict[str, Any]:
-        metrics = await self._offload(self.learner.evaluate, self.params())
+        metrics = await self._offload(self.learner.evaluate, self.algorithm.params(self.state))
         return {
             "node": self.config.node_id,
             "elapsed": self.now(),
@@ -192,7 +194,7 @@ class Node:
             await self._gradient_step()
 
     async def _gradient_step(self) -> None:
-        snapshot = self.params()
+        snapshot = self.algorithm.params(self.state)  # never written to: safe in a thread
         mixes_before = self._mixes
         grad, loss = await self._offload(self.learner.gradient, snapshot)
         if not (math.isfinite(loss) and bool(torch.isfinite(grad.sum()))):
@@ -231,6 +233,7 @@ class Node:
         conn = await self._connection(peer)
         if conn is None:
             return Outcome.SKIPPED_UNREACHABLE
+        started = trio.current_time()
         if peer.pending is None:
             payload = self.algorithm.payload(self.state, self.now())
             peer.pending = Pending(peer.rng.getrandbits(63), payload)
@@ -240,7 +243,9 @@ class Node:
             with trio.CancelScope(shield=True), trio.fail_after(self.config.exchange_timeout):
                 await conn.send(Exchange(pending.exchange_id, pending.sent))
                 reply = await conn.receive()
-            return self._apply_reply(peer, pending, reply)
+            outcome = self._apply_reply(peer, pending, reply)
+            self.stats.exchange_seconds.append(trio.current_time() - started)
+            return outcome
         except trio.TooSlowError:
             return await self._exchange_failed(peer, Outcome.TIMED_OUT, "no reply in time")
         except (TransportError, ProtocolError, RemoteError) as exc:
@@ -369,19 +374,29 @@ class Node:
         check_payload(request.payload, self.spec)
         cached = self._replies.get(peer_id)
         if cached is not None and cached[0] == request.exchange_id:
-            reply = cached[1]  # a retry: applied already, answer the same again
+            # A retry: applied already, so only answer the same again.
             self.stats.count(Outcome.RETRIED)
-        else:
-            reply = self.algorithm.payload(self.state, self.now())
+            await self._reply(conn, request.exchange_id, cached[1])
+            return
+        reply = self.algorithm.payload(self.state, self.now())
+        self._replies[peer_id] = (request.exchange_id, reply)
+        try:
+            # Reply first, mix after: the reply never depends on the mix, and the initiator
+            # can take it while we mix.
+            await self._reply(conn, request.exchange_id, reply)
+        finally:
+            # Applied exactly once, delivered or not: if the reply is lost, the initiator's
+            # retry is answered from the cache. (The pair, not the state, is what is mixed,
+            # so whatever changed during the send is kept.)
             self.state = self.algorithm.mix(self.state, reply, request.payload, self.now())
             self._mixes += 1
-            self._replies[peer_id] = (request.exchange_id, reply)
             self.stats.count(Outcome.SERVED)
-        # Applied already: deliver the reply even if we are stopping. If it is lost anyway,
-        # the initiator's retry will be answered from the cache.
+
+    async def _reply(self, conn: Connection, exchange_id: int, payload: Payload) -> None:
+        # Shielded: a stop still delivers a reply to an exchange we have taken on.
         timeout = self.config.exchange_timeout
         with trio.CancelScope(shield=True), _within(timeout, TransportError, "reply not sent"):
-            await conn.send(Reply(request.exchange_id, reply))
+            await conn.send(Reply(exchange_id, payload))
 
     async def _send_error(self, conn: Connection, reason: str) -> None:
         with trio.move_on_after(1.0), contextlib.suppress(TransportError):
@@ -414,6 +429,7 @@ class Node:
             algorithm=self.algorithm.name,
             limits=self.config.limits,
             meter=self.stats,
+            allocate=self._buffers.allocate,
         )
 
     def _rng(self, *purpose: str) -> random.Random:
@@ -423,7 +439,7 @@ class Node:
         last, t_last = self.stats.snapshot(), self.now()
         while True:
             await trio.sleep(self.config.progress_every)
-            metrics = await self._offload(self.learner.evaluate, self.params())
+            metrics = await self._offload(self.learner.evaluate, self.algorithm.params(self.state))
             snap, t = self.stats.snapshot(), self.now()
             dt = max(t - t_last, 1e-9)
             moved = snap["bytes_sent"] + snap["bytes_received"]

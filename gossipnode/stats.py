@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import statistics
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -34,6 +35,8 @@ class Stats:
     bytes_sent: int = 0
     bytes_received: int = 0
     exchanges: Counter[str] = field(default_factory=Counter)
+    # Durations of the latest exchanges this node started: payload to applied reply.
+    exchange_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
     def gradient(self, loss: float, staleness: int) -> None:
         self.gradients += 1
@@ -61,4 +64,12 @@ class Stats:
             "bytes_received": self.bytes_received,
             "mixes": self.mixes,
             "exchanges": {o.value: self.exchanges[o.value] for o in Outcome},
+            "exchange_seconds_median": _quantile(self.exchange_seconds, 0.5),
+            "exchange_seconds_p90": _quantile(self.exchange_seconds, 0.9),
         }
+
+
+def _quantile(values: deque[float], q: float) -> float | None:
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]

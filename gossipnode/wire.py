@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import sys
+import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,43 @@ Allocator = Callable[[int], memoryview]
 def allocate_body(nbytes: int) -> memoryview:
     """A fresh writable buffer for a frame body (torch memory: huge pages when enabled)."""
     return torch.empty(nbytes, dtype=torch.uint8).numpy().data
+
+
+class BufferPool:
+    """Frame-body buffers reused once no tensor refers to them any more.
+
+    A fresh 100 MB buffer costs page faults on every first write; a node receiving the same
+    model over and over can recycle a few. Bodies under ``min_bytes`` are not worth it. The
+    pool holds at most ``keep`` buffers, busy or idle; beyond that it allocates fresh ones.
+    """
+
+    def __init__(self, keep: int = 4, min_bytes: int = 1 << 20) -> None:
+        self.keep = keep
+        self.min_bytes = min_bytes
+        # A buffer is busy while the numpy view it lent out lives: tensors made from that
+        # view by torch.frombuffer keep it alive, and nothing else does.
+        self._buffers: list[tuple[torch.Tensor, weakref.ref[Any]]] = []
+
+    def allocate(self, nbytes: int) -> memoryview:
+        if nbytes < self.min_bytes:
+            return allocate_body(nbytes)
+        idle = [i for i, (_, lent) in enumerate(self._buffers) if lent() is None]
+        slot = next((i for i in idle if self._buffers[i][0].numel() == nbytes), None)
+        if slot is not None:
+            buffer = self._buffers[slot][0]
+        else:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+            if len(self._buffers) >= self.keep:
+                if not idle:
+                    return buffer.numpy().data  # every pooled buffer is busy: not pooled
+                slot = idle[0]  # an idle buffer of another size makes room
+        view = buffer.numpy()
+        entry = (buffer, weakref.ref(view))
+        if slot is None:
+            self._buffers.append(entry)
+        else:
+            self._buffers[slot] = entry
+        return view.data
 
 
 @dataclass(frozen=True, slots=True)

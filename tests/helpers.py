@@ -75,6 +75,16 @@ async def run_all(nodes: Sequence[Node]) -> list[dict[str, Any]]:
     return summaries
 
 
+async def eventually(condition: Callable[[], bool], seconds: float, poll: float = 0.05) -> bool:
+    """Whether ``condition`` holds within ``seconds``, polling (for counters, which have no
+    event to wait on)."""
+    with trio.move_on_after(seconds):
+        while not condition():  # noqa: ASYNC110 - polling a counter is the point
+            await trio.sleep(poll)
+        return True
+    return False
+
+
 def distance(nodes: Sequence[Node]) -> float:
     return consensus_distance([node.params() for node in nodes])
 

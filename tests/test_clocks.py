@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import statistics
 
@@ -23,7 +24,7 @@ def test_poisson_gaps_are_exponential() -> None:
     for _ in range(20_000):
         times.append(clock.next)
         clock.pop_due(clock.next)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     # For an exponential law, the standard deviation equals the mean.
     assert statistics.mean(gaps) == pytest.approx(0.5, rel=0.03)
     assert statistics.stdev(gaps) == pytest.approx(0.5, rel=0.05)

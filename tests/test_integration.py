@@ -13,6 +13,8 @@ import trio
 
 from gossipnode.cluster import NodeResult, consensus_distance, start_nodes, wait_all
 
+from .helpers import eventually
+
 pytestmark = pytest.mark.integration
 
 OPTIONS = {
@@ -51,15 +53,10 @@ class Watch:
         return "\n".join(f"[{i}] {line}" for i, out in enumerate(self.output) for line in out)
 
 
-async def wait_until(condition: Any, procs: list[trio.Process], timeout: float) -> bool:
-    """Poll ``condition`` until it holds (True) or a node exits or time runs out (False)."""
-    with trio.move_on_after(timeout):
-        while not condition():
-            if any(proc.returncode is not None for proc in procs):
-                return False
-            await trio.sleep(0.5)
-        return True
-    return False
+async def trained_or_exited(condition: Any, procs: list[trio.Process], seconds: float) -> bool:
+    """Whether ``condition`` holds before ``seconds`` pass or any node exits."""
+    stop = lambda: condition() or any(p.returncode is not None for p in procs)  # noqa: E731
+    return await eventually(stop, seconds, poll=0.5) and bool(condition())
 
 
 def options(**changes: Any) -> dict[str, Any]:
@@ -73,10 +70,10 @@ async def test_a_ring_of_four_trains_to_consensus_and_stops_on_sigterm(tmp_path:
         async with trio.open_nursery() as nursery:
             for i, proc in enumerate(procs):
                 nursery.start_soon(watch.read, i, proc)
-            trained = await wait_until(
+            trained = await trained_or_exited(
                 lambda: all(p.get("accuracy", 0) > 0.9 and p["elapsed"] > 15 for p in watch.latest),
                 procs,
-                timeout=120,
+                seconds=120,
             )
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
@@ -105,7 +102,7 @@ async def test_the_others_train_on_when_a_node_is_killed(tmp_path: Path) -> None
         async with trio.open_nursery() as nursery:
             for i, proc in enumerate(procs):
                 nursery.start_soon(watch.read, i, proc)
-            started = await wait_until(lambda: all(watch.latest), procs, timeout=60)
+            started = await trained_or_exited(lambda: all(watch.latest), procs, seconds=60)
             await trio.sleep(3)
             procs[2].kill()  # SIGKILL: no goodbye
             codes = await wait_all(procs, trio.current_time() + 80)

@@ -41,6 +41,11 @@ async def receive_exactly(stream: Stream, n: int, *, into: bool) -> bytes:
     return bytes(buf)
 
 
+async def send_until_it_fails(stream: Stream) -> None:
+    for _ in range(100):  # TCP may buffer the first sends
+        await stream.send_all(b"x" * 65536)
+
+
 async def echo(stream: Stream) -> None:
     """Send back everything, then close when the other side does."""
     while data := await stream.receive_some(65536):
@@ -86,8 +91,7 @@ async def test_sending_to_a_closed_peer_fails(transport: Transport) -> None:
             stream = await transport.connect(address)
             assert await stream.receive_some(1) == b""  # the peer is gone
             with pytest.raises(TransportError):
-                for _ in range(100):  # TCP may buffer the first sends
-                    await stream.send_all(b"x" * 65536)
+                await send_until_it_fails(stream)
             await stream.aclose()
             nursery.cancel_scope.cancel()
 
@@ -127,5 +131,5 @@ def test_address_parsing() -> None:
     assert Address.parse("[::1]:80") == Address("::1", 80)
     assert str(Address("::1", 80)) == "[::1]:80"
     for bad in ("7001", "host:", ":80", "host:99999", "host:http"):
-        with pytest.raises(ValueError, match="port|host:port"):
+        with pytest.raises(ValueError, match=r"port|host:port"):
             Address.parse(bad)
