@@ -70,7 +70,9 @@ async def live_pair(nursery: trio.Nursery) -> tuple[Node, Node]:
     return a, b
 
 
-async def test_bad_input_is_refused_and_gossip_goes_on(live_pair: tuple[Node, Node]) -> None:
+async def test_bad_input_is_refused_and_gossip_goes_on(
+    live_pair: tuple[Node, Node], caplog: pytest.LogCaptureFixture
+) -> None:
     a, b = live_pair
     assert b.address is not None
     target = b.address
@@ -127,6 +129,7 @@ async def test_bad_input_is_refused_and_gossip_goes_on(live_pair: tuple[Node, No
         served_before = b.stats.exchanges["served"]
         reason = await refusal(target, data, handshake=handshake, spec=spec)
         assert re.search(expected, reason), f"{name}: {reason}"
+        assert any(reason in r.getMessage() for r in caplog.records), f"{name} not logged"
 
         # The good peer is still being served.
         def served_more(before: int = served_before) -> bool:
@@ -135,5 +138,7 @@ async def test_bad_input_is_refused_and_gossip_goes_on(live_pair: tuple[Node, No
         assert await eventually(served_more, 10)
     assert b.stats.exchanges["rejected"] == len(cases)
     assert a.stats.exchanges["failed"] == 0
+    logged = [r.getMessage() for r in caplog.records if "dropping connection" in r.getMessage()]
+    assert len(logged) == len(cases)  # one warning with the reason for each
     a.stop()
     b.stop()

@@ -88,7 +88,7 @@ def run_nodes(mb: float, seconds: float) -> dict[str, Any]:
         "1",
         "--json",
         "--log-level",
-        "warning",
+        "error",
     ]
     responder = subprocess.Popen(
         [
