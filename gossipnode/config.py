@@ -8,7 +8,6 @@ came from and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -232,10 +231,6 @@ def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
         )
     if config.listen in config.peers:
         raise ConfigError(f"{source['peers']}: lists this node's own address {config.listen}")
-
-
-def replace(config: NodeConfig, **changes: Any) -> NodeConfig:
-    return dataclasses.replace(config, **changes)
 
 
 def read_toml(path: Path) -> dict[str, Any]:

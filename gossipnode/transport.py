@@ -79,12 +79,14 @@ def _translated() -> Iterator[None]:
         raise TransportError(str(exc) or type(exc).__name__) from exc
 
 
-# ---------------------------------------------------------------------------- TCP
+# ---------------------------------------------------------------------------- streams
 
 
 @dataclass(eq=False)
-class TcpStream:
-    stream: trio.SocketStream
+class TrioStream:
+    """A trio stream behind ``Stream``; ``receive_into`` copies (memory streams have no other)."""
+
+    stream: trio.abc.Stream
 
     async def send_all(self, data: bytes | memoryview) -> None:
         with _translated():
@@ -95,13 +97,26 @@ class TcpStream:
             return bytes(await self.stream.receive_some(max_bytes))
 
     async def receive_into(self, view: memoryview) -> int:
-        # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
-        with _translated():
-            return await self.stream.socket.recv_into(view)
+        data = await self.receive_some(len(view))
+        view[: len(data)] = data
+        return len(data)
 
     async def aclose(self) -> None:
         with _translated():
             await self.stream.aclose()
+
+
+@dataclass(eq=False)
+class TcpStream(TrioStream):
+    stream: trio.SocketStream
+
+    async def receive_into(self, view: memoryview) -> int:
+        # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
+        with _translated():
+            return await self.stream.socket.recv_into(view)
+
+
+# ---------------------------------------------------------------------------- TCP
 
 
 class TcpTransport:
@@ -151,32 +166,10 @@ async def _accept_loop(listener: trio.SocketListener, handler: Handler) -> None:
 
 
 @dataclass(eq=False)
-class MemoryStream:
-    stream: trio.abc.Stream
-
-    async def send_all(self, data: bytes | memoryview) -> None:
-        with _translated():
-            await self.stream.send_all(data)
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        with _translated():
-            return bytes(await self.stream.receive_some(max_bytes))
-
-    async def receive_into(self, view: memoryview) -> int:
-        data = await self.receive_some(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    async def aclose(self) -> None:
-        with _translated():
-            await self.stream.aclose()
-
-
-@dataclass(eq=False)
 class MemoryNetwork:
     """An in-process network of listeners, one per address, joined by trio memory streams."""
 
-    _listeners: dict[Address, trio.MemorySendChannel[MemoryStream]] = field(default_factory=dict)
+    _listeners: dict[Address, trio.MemorySendChannel[TrioStream]] = field(default_factory=dict)
     _ports: Iterator[int] = field(default_factory=lambda: itertools.count(40000))
 
     async def connect(self, address: Address) -> Stream:
@@ -186,10 +179,10 @@ class MemoryNetwork:
             raise TransportError(f"connection to {address} refused")
         ours, theirs = trio.testing.memory_stream_pair()
         try:
-            channel.send_nowait(MemoryStream(theirs))
+            channel.send_nowait(TrioStream(theirs))
         except (trio.BrokenResourceError, trio.WouldBlock) as exc:
             raise TransportError(f"connection to {address} refused") from exc
-        return MemoryStream(ours)
+        return TrioStream(ours)
 
     async def serve(
         self,
@@ -202,7 +195,7 @@ class MemoryNetwork:
             address = Address(address.host, next(self._ports))
         if address in self._listeners:
             raise TransportError(f"address {address} already in use")
-        send, receive = trio.open_memory_channel[MemoryStream](64)
+        send, receive = trio.open_memory_channel[TrioStream](64)
         self._listeners[address] = send
         try:
             async with receive, trio.open_nursery() as nursery:

@@ -85,10 +85,6 @@ class Frame:
     def type(self) -> str:
         return str(self.header["type"])
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
 
 # ---------------------------------------------------------------------------- encoding
 
