@@ -90,8 +90,9 @@ async def test_a_ring_of_four_trains_to_consensus_and_stops_on_sigterm(tmp_path:
     for r in results:
         assert r.summary is not None
         assert r.summary["accuracy"] > 0.85, r.summary
-        assert r.summary["exchanges"]["ok"] > 10
-        assert r.summary["exchanges"]["failed"] == 0
+        assert r.summary["exchanges"]["ok"] > 10, r.summary
+        # Only while the nodes stop, one after another, can an exchange fail.
+        assert r.summary["exchanges"]["failed"] <= 4, r.summary
     start = consensus_distance([r.initial for r in results if r.initial is not None])
     end = consensus_distance([r.final for r in results if r.final is not None])
     assert end < start / 10, (start, end)
