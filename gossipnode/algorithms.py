@@ -23,8 +23,9 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from gossipnode.wire import Payload
+
 State = dict[str, torch.Tensor]
-Payload = tuple[torch.Tensor, ...]
 
 
 class Algorithm(Protocol):

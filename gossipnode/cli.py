@@ -14,6 +14,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -120,6 +121,81 @@ def cluster(
 
 
 @app.command()
+def simulate(
+    topology: Annotated[Path | None, Opt(help="Topology JSON file.")] = None,
+    graph: Annotated[
+        str | None,
+        Opt(help="Or a graph: ring:16, path:8, star:10, complete:5, grid:4x4, torus:4x4."),
+    ] = None,
+    rates: Annotated[Path | None, Opt(help="Per-edge rates JSON (from gossipnode plan).")] = None,
+    scenario: Annotated[Path | None, Opt(help="TOML: network, compute speeds, faults.")] = None,
+    task: Annotated[str, Opt(help="logreg, digits, or package.module:factory.")] = "logreg",
+    algorithm: Annotated[str, Opt(help="Mixing rule: gossip.")] = "gossip",
+    duration: Annotated[str, Opt(help="Virtual seconds to simulate.")] = "100",
+    seed: Annotated[str, Opt(help="Run seed: the same seed gives the same trace.")] = "0",
+    grad_rate: Annotated[str, Opt(help="Gradient steps/s per node; 'max' = back to back.")] = "1",
+    gossip_rate: Annotated[str, Opt(help="Exchanges/s of an edge without a planned rate.")] = "1",
+    lr: Annotated[str, Opt(help="Learning rate.")] = "0.05",
+    batch_size: Annotated[str, Opt(help="Minibatch size; 0 = all local data.")] = "32",
+    init: Annotated[str, Opt(help="independent or shared model init.")] = "independent",
+    exchange_timeout: Annotated[str, Opt(help="Virtual seconds before an exchange fails.")] = "2",
+    sample_every: Annotated[
+        str | None, Opt(help="Virtual seconds between metric samples (default duration/50).")
+    ] = None,
+    out: Annotated[Path | None, Opt(help="Directory for trace.jsonl and summary.json.")] = None,
+    quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Simulate a cluster of real nodes in deterministic virtual time."""
+    from gossipnode.config import ConfigError
+
+    try:
+        options = _sim_options(
+            topology,
+            graph,
+            rates,
+            scenario,
+            task,
+            algorithm,
+            duration,
+            seed,
+            grad_rate,
+            gossip_rate,
+            lr,
+            batch_size,
+            init,
+            exchange_timeout,
+            sample_every,
+        )
+        summary = _run_simulation(options, out, quiet)
+    except ConfigError as exc:
+        fail(str(exc))
+    mean = "  ".join(f"{k}={v:.4g}" for k, v in summary["mean"].items())
+    print(
+        f"{summary['nodes']} nodes, {options.duration:g} virtual s in "
+        f"{summary['wall_seconds']:.1f} s wall ({summary['events_per_wall_second']:.0f} events/s): "
+        f"consensus distance {summary['consensus_distance']:.4g}  {mean}"
+    )
+    if out is not None:
+        print(f"trace and summary in {out}/")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (simulate --out).")],
+    out: Annotated[Path, Opt(help="Directory for the PNGs.")] = Path("plots"),
+) -> None:
+    """Plot simulation runs: metrics vs virtual time, gradients and exchanges."""
+    from gossipnode.report import ReportError, load_run, plot
+
+    try:
+        loaded = [load_run(run) for run in runs]
+    except ReportError as exc:
+        fail(str(exc))
+    for path in plot(loaded, out):
+        print(path)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     print(__version__)
@@ -132,6 +208,109 @@ async def _run_daemon(config: Any, emit: Any) -> None:
     from gossipnode.daemon import run_daemon
 
     await run_daemon(config, emit)
+
+
+def _sim_options(
+    topology: Path | None,
+    graph: str | None,
+    rates: Path | None,
+    scenario: Path | None,
+    task: str,
+    algorithm: str,
+    duration: str,
+    seed: str,
+    grad_rate: str,
+    gossip_rate: str,
+    lr: str,
+    batch_size: str,
+    init: str,
+    exchange_timeout: str,
+    sample_every: str | None,
+) -> Any:
+    """Validated simulation options; raises ConfigError naming the flag at fault."""
+    from gossipnode import scenario as scenarios
+    from gossipnode import topology as topologies
+    from gossipnode.algorithms import ALGORITHMS
+    from gossipnode.config import ConfigError, parse_flag
+    from gossipnode.sim import SimOptions
+    from gossipnode.tasks import TaskError, find_factory
+
+    if (topology is None) == (graph is None):
+        raise ConfigError("give one of --topology FILE or --graph KIND:SIZE")
+    try:
+        topo = topologies.load(topology) if topology else topologies.from_spec(str(graph))
+    except topologies.TopologyError as exc:
+        raise ConfigError(f"{'--topology' if topology else '--graph'}: {exc}") from None
+    if rates is not None:
+        try:
+            topo = topo.with_rates(topologies.load_rates(rates, topo))
+        except topologies.TopologyError as exc:
+            raise ConfigError(f"--rates: {exc}") from None
+    try:
+        plan = scenarios.load(scenario, topo.n) if scenario else scenarios.Scenario()
+    except scenarios.ScenarioError as exc:
+        raise ConfigError(f"--scenario: {exc}") from None
+    try:
+        find_factory(task)
+    except TaskError as exc:
+        raise ConfigError(f"--task: {exc}") from None
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(
+            f"--algorithm: unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
+        )
+    steps = parse_flag("grad_rate", grad_rate)
+    if steps is None and (plan.step_time == 0 or 0 in plan.step_times.values()):
+        raise ConfigError("--grad-rate max: every node needs a step time > 0 ([compute])")
+    return SimOptions(
+        topology=topo,
+        task=task,
+        algorithm=algorithm,
+        duration=_positive("--duration", duration),
+        seed=parse_flag("seed", seed),
+        grad_rate=steps,
+        gossip_rate=parse_flag("gossip_rate", gossip_rate),
+        lr=parse_flag("lr", lr),
+        batch_size=parse_flag("batch_size", batch_size),
+        init=parse_flag("init", init),
+        exchange_timeout=parse_flag("exchange_timeout", exchange_timeout),
+        sample_every=_positive("--sample-every", sample_every) if sample_every else None,
+        scenario=plan,
+    )
+
+
+def _positive(flag: str, value: str) -> float:
+    from gossipnode.config import ConfigError
+
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and number > 0):
+        raise ConfigError(f"{flag}: must be a number > 0, got {value!r}")
+    return number
+
+
+def _run_simulation(options: Any, out: Path | None, quiet: bool) -> Any:
+    from gossipnode.config import ConfigError
+    from gossipnode.sim import simulate
+    from gossipnode.tasks import TaskError
+
+    try:
+        if quiet:
+            return simulate(options, out)
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        columns = (
+            TextColumn("simulating"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} virtual s"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task("sim", total=options.duration)
+            return simulate(options, out, progress=lambda t: bar.update(task, completed=t))
+    except TaskError as exc:
+        raise ConfigError(f"--task: {exc}") from None
 
 
 def _run_async(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -24,6 +24,7 @@ import trio
 from torch.nn.utils import vector_to_parameters
 
 from gossipnode.daemon import INITIAL_MODEL_FILE, MODEL_FILE, SUMMARY_FILE, load_model
+from gossipnode.learner import consensus_distance
 from gossipnode.tasks import load_task
 
 GRACE = 30.0  # seconds a node may take beyond its duration to stop and save
@@ -99,12 +100,6 @@ class NodeResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and self.summary is not None and self.final is not None
-
-
-def consensus_distance(params: Sequence[torch.Tensor]) -> float:
-    """Mean squared distance of the models to their average: (1/n) sum_i |x_i - mean x|^2."""
-    x = torch.stack([p.double() for p in params])  # (n, d)
-    return float((x - x.mean(0)).pow(2).sum(1).mean())
 
 
 @dataclass

@@ -186,6 +186,14 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def parse_flag(name: str, value: object) -> Any:
+    """One option's value from a command-line flag, with ``run``'s rules for it."""
+    try:
+        return OPTIONS[name].parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"{flag(name)}: {exc}") from None
+
+
 def resolve(
     flags: Mapping[str, object | None], env: Mapping[str, str], file: Path | None = None
 ) -> NodeConfig:

@@ -8,6 +8,7 @@ evaluations use separate modules, so each may run in its own worker thread.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -19,6 +20,12 @@ from gossipnode.tasks import Task
 def flatten(model: nn.Module) -> torch.Tensor:
     """The trainable parameters of ``model`` as one new flat vector."""
     return parameters_to_vector(model.parameters()).detach().clone()
+
+
+def consensus_distance(params: Sequence[torch.Tensor]) -> float:
+    """Mean squared distance of the models to their average: (1/n) sum_i |x_i - mean x|^2."""
+    x = torch.stack([p.double() for p in params])  # (n, d)
+    return float((x - x.mean(0)).pow(2).sum(1).mean())
 
 
 class Learner:

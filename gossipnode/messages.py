@@ -22,9 +22,7 @@ from typing import Any
 
 import torch
 
-from gossipnode.wire import DTYPE_NAMES, DTYPES, Frame, ProtocolError
-
-Payload = tuple[torch.Tensor, ...]
+from gossipnode.wire import DTYPE_NAMES, DTYPES, Frame, Payload, ProtocolError
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,14 +28,15 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 import trio
 
-from gossipnode.algorithms import Algorithm, Payload
+from gossipnode.algorithms import Algorithm
+from gossipnode.byzantine import Behaviour
 from gossipnode.clocks import Backoff, PoissonClock
 from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
@@ -53,7 +54,7 @@ from gossipnode.messages import (
 from gossipnode.stats import Outcome, Stats
 from gossipnode.tasks import Task
 from gossipnode.transport import Address, Stream, Transport, TransportError
-from gossipnode.wire import BufferPool, ProtocolError
+from gossipnode.wire import BufferPool, Payload, ProtocolError
 
 log = logging.getLogger("gossipnode.node")
 
@@ -97,12 +98,19 @@ class Node:
     algorithm: Algorithm
     emit: Emit = _ignore
     threaded: bool = True  # compute gradients in a worker thread (off in virtual time)
+    rates: Mapping[Address, float] = field(default_factory=dict)  # per edge; else gossip_rate
+    step_time: float = 0.0  # virtual seconds a gradient step costs (simulation)
+    trace: Emit | None = None  # gets every gradient and exchange (simulation traces)
+    adversary: Behaviour | None = None  # what a Byzantine node sends instead of its payload
+    incarnation: int = 0  # restarts of this node; keeps its random streams fresh
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
 
     def __post_init__(self) -> None:
         cfg = self.config
+        if not self.threaded and cfg.grad_rate is None and self.step_time <= 0:
+            raise ValueError("back-to-back gradients in virtual time need a step time > 0")
         model_seed = cfg.seed if cfg.init == "shared" else _mix(cfg.seed, cfg.node_id)
         self.learner = Learner(
             self.task,
@@ -117,7 +125,7 @@ class Node:
         self.peers = [
             Peer(
                 addr,
-                cfg.gossip_rate,
+                self.rates.get(addr, cfg.gossip_rate),
                 self._rng("edge", str(addr)),
                 Backoff(self._rng("backoff", str(addr))),
             )
@@ -129,6 +137,7 @@ class Node:
         self._mixes = 0
         self._t0 = 0.0
         self._cancel = trio.CancelScope()
+        self._adversary_rng = self._rng("adversary")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,6 +205,8 @@ class Node:
     async def _gradient_step(self) -> None:
         snapshot = self.algorithm.params(self.state)  # never written to: safe in a thread
         mixes_before = self._mixes
+        if self.step_time:
+            await trio.sleep(self.step_time)  # what the step costs, in virtual time
         grad, loss = await self._offload(self.learner.gradient, snapshot)
         if not (math.isfinite(loss) and bool(torch.isfinite(grad.sum()))):
             self.stats.bad_gradients += 1
@@ -203,6 +214,8 @@ class Node:
             return
         self.state = self.algorithm.apply_gradient(self.state, grad, self.now())
         self.stats.gradient(loss, staleness=self._mixes - mixes_before)
+        if self.trace is not None:
+            self.trace("gradient", {"node": self.config.node_id, "loss": loss})
 
     async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
         if self.threaded:
@@ -223,9 +236,15 @@ class Node:
                 continue
             self._initiating = True
             try:
-                self.stats.count(await self._initiate(peer))
+                outcome = await self._initiate(peer)
             finally:
                 self._initiating = False
+            self.stats.count(outcome)
+            if self.trace is not None:
+                self.trace(
+                    "exchange",
+                    {"node": self.config.node_id, "peer": peer.node_id, "outcome": outcome.value},
+                )
             # Ticks of this edge that fell during its own exchange are thinned too.
             self.stats.count(Outcome.SKIPPED_BUSY, clock.pop_due(trio.current_time()))
 
@@ -241,7 +260,7 @@ class Node:
         try:
             # Shielded: stop() lets an exchange in flight finish, within its timeout.
             with trio.CancelScope(shield=True), trio.fail_after(self.config.exchange_timeout):
-                await conn.send(Exchange(pending.exchange_id, pending.sent))
+                await conn.send(Exchange(pending.exchange_id, self._outgoing(pending.sent)))
                 reply = await conn.receive()
             outcome = self._apply_reply(peer, pending, reply)
             self.stats.exchange_seconds.append(trio.current_time() - started)
@@ -396,13 +415,18 @@ class Node:
         # Shielded: a stop still delivers a reply to an exchange we have taken on.
         timeout = self.config.exchange_timeout
         with trio.CancelScope(shield=True), _within(timeout, TransportError, "reply not sent"):
-            await conn.send(Reply(exchange_id, payload))
+            await conn.send(Reply(exchange_id, self._outgoing(payload)))
 
     async def _send_error(self, conn: Connection, reason: str) -> None:
         with trio.move_on_after(1.0), contextlib.suppress(TransportError):
             await conn.send(Error(reason[:1000]))
 
     # ------------------------------------------------------------------ helpers
+
+    def _outgoing(self, payload: Payload) -> Payload:
+        if self.adversary is None:
+            return payload
+        return self.adversary(payload, self._adversary_rng)
 
     def _hello(self) -> Hello:
         return Hello(self.config.node_id, self.task.name, self.spec)
@@ -433,7 +457,8 @@ class Node:
         )
 
     def _rng(self, *purpose: str) -> random.Random:
-        return random.Random(f"{self.config.seed}/{self.config.node_id}/{'/'.join(purpose)}")
+        node = f"{self.config.seed}/{self.config.node_id}/{self.incarnation}"
+        return random.Random(f"{node}/{'/'.join(purpose)}")
 
     async def _progress_loop(self) -> None:
         last, t_last = self.stats.snapshot(), self.now()

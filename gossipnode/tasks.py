@@ -89,10 +89,14 @@ class LogReg:
         self.reg = reg
         self._shards = [self._draw(w_true, samples, dim, spread, gen) for _ in range(num_nodes)]
         self._test = self._draw(w_true, 1000, dim, spread, gen)
-        a = torch.cat([s.x for s in self._shards])  # (n*m, d+1)
+        # Every shard has the same size, so f = mean_i f_i is the mean over all points.
+        self._all = Dataset(
+            torch.cat([s.x for s in self._shards]),  # (n*m, d+1)
+            torch.cat([s.y for s in self._shards]),
+        )
         self.mu = reg
         self.L = max(_lambda_max(s.x) / (4 * len(s)) for s in self._shards) + reg
-        self.optimum = self._newton(a, torch.cat([s.y for s in self._shards]))
+        self.optimum = self._newton(self._all.x, self._all.y)
         self.optimal_value = self.objective(self.optimum)
 
     @staticmethod
@@ -126,23 +130,27 @@ class LogReg:
 
     def objective(self, w: torch.Tensor) -> float:
         """f(w) = mean_i f_i(w), for a flat parameter vector w."""
-        values = [
-            F.softplus(-s.y * (s.x @ w)).mean() + 0.5 * self.reg * w.dot(w) for s in self._shards
-        ]
-        return float(torch.stack(values).mean())
+        return float(self._objectives(w.reshape(1, -1))[0])
+
+    def _objectives(self, w: torch.Tensor) -> torch.Tensor:
+        """f of each row of w, (k, d+1) -> (k,)."""
+        w = w.to(torch.float64)
+        margins = self._all.y[:, None] * (self._all.x @ w.T)  # (N, k)
+        return F.softplus(-margins).mean(0) + 0.5 * self.reg * w.pow(2).sum(1)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        w = next(model.parameters()).detach().reshape(-1).to(torch.float64)
-        accuracy = ((self._test.x @ w).sign() == self._test.y).double().mean()
-        value = self.objective(w)
-        return {
-            "loss": value,
-            "accuracy": float(accuracy),
-            "suboptimality": value - self.optimal_value,
-        }
+        return self.evaluate_batch(next(model.parameters()).detach().reshape(1, -1))[0]
+
+    def evaluate_batch(self, w: torch.Tensor) -> list[dict[str, float]]:
+        """``evaluate`` for many flat parameter vectors at once, the rows of w (k, d+1)."""
+        values = self._objectives(w)
+        accuracy = (self._test.x @ w.to(torch.float64).T).sign() == self._test.y[:, None]
+        return [
+            {"loss": float(v), "accuracy": float(a), "suboptimality": float(v) - self.optimal_value}
+            for v, a in zip(values, accuracy.double().mean(0), strict=True)
+        ]
 
     def _newton(self, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        # Every shard has the same size, so mean_i f_i is the mean over all points.
         w = torch.zeros(a.shape[1], dtype=torch.float64)
         eye = torch.eye(a.shape[1], dtype=torch.float64)
         for _ in range(100):

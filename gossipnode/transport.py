@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import errno
 import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import trio
-import trio.testing
 
 Handler = Callable[["Stream"], Awaitable[None]]
 
@@ -79,14 +79,9 @@ def _translated() -> Iterator[None]:
         raise TransportError(str(exc) or type(exc).__name__) from exc
 
 
-# ---------------------------------------------------------------------------- streams
-
-
 @dataclass(eq=False)
-class TrioStream:
-    """A trio stream behind ``Stream``; ``receive_into`` copies (memory streams have no other)."""
-
-    stream: trio.abc.Stream
+class TcpStream:
+    stream: trio.SocketStream
 
     async def send_all(self, data: bytes | memoryview) -> None:
         with _translated():
@@ -97,23 +92,13 @@ class TrioStream:
             return bytes(await self.stream.receive_some(max_bytes))
 
     async def receive_into(self, view: memoryview) -> int:
-        data = await self.receive_some(len(view))
-        view[: len(data)] = data
-        return len(data)
+        # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
+        with _translated():
+            return await self.stream.socket.recv_into(view)
 
     async def aclose(self) -> None:
         with _translated():
             await self.stream.aclose()
-
-
-@dataclass(eq=False)
-class TcpStream(TrioStream):
-    stream: trio.SocketStream
-
-    async def receive_into(self, view: memoryview) -> int:
-        # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
-        with _translated():
-            return await self.stream.socket.recv_into(view)
 
 
 # ---------------------------------------------------------------------------- TCP
@@ -165,24 +150,157 @@ async def _accept_loop(listener: trio.SocketListener, handler: Handler) -> None:
 # ---------------------------------------------------------------------------- memory
 
 
+Endpoint = Address | None  # None: a connection from no node in particular
+
+
+class Timing(Protocol):
+    """When bytes sent from one address to another arrive (``netmodel.NetModel`` is one)."""
+
+    def reachable(self, src: Endpoint, dst: Endpoint, now: float) -> bool: ...
+
+    def transmit(
+        self, src: Endpoint, dst: Endpoint, nbytes: int, now: float
+    ) -> tuple[float, float]:
+        """(when the sender is done, when the receiver has the bytes)."""
+        ...
+
+
+class Instant:
+    """Links with no delay that never fail."""
+
+    def reachable(self, src: Endpoint, dst: Endpoint, now: float) -> bool:
+        return True
+
+    def transmit(
+        self, src: Endpoint, dst: Endpoint, nbytes: int, now: float
+    ) -> tuple[float, float]:
+        return now, now
+
+
+@dataclass(eq=False)
+class _Pipe:
+    """One direction of a memory connection: chunks in flight, each with its arrival time."""
+
+    timing: Timing
+    src: Endpoint
+    dst: Endpoint
+    queue: deque[tuple[float, bytes]] = field(default_factory=deque)
+    lot: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    eof: bool = False  # the sender closed: the receiver reads what is queued, then b""
+    reset: bool = False  # the receiver is gone: sending fails
+
+    async def send(self, data: bytes | memoryview) -> None:
+        if self.eof or self.reset:
+            raise TransportError("connection closed")
+        chunk = bytes(data)
+        done, arrival = self.timing.transmit(self.src, self.dst, len(chunk), trio.current_time())
+        await trio.sleep_until(done)  # the link is busy sending it
+        if self.reset:
+            raise TransportError("connection reset by peer")
+        self.queue.append((arrival, chunk))
+        self.lot.unpark_all()
+
+    async def receive(self, max_bytes: int) -> bytes:
+        while not self.queue:
+            if self.eof or self.reset:
+                await trio.lowlevel.checkpoint()
+                return b""
+            await self.lot.park()
+        arrival, chunk = self.queue[0]
+        await trio.sleep_until(arrival)
+        if not self.queue:  # reset while we waited
+            return b""
+        if len(chunk) > max_bytes:
+            self.queue[0] = (arrival, chunk[max_bytes:])
+            return chunk[:max_bytes]
+        self.queue.popleft()
+        return chunk
+
+    def close(self, *, reset: bool = False) -> None:
+        self.eof = True
+        if reset:
+            self.reset = True
+            self.queue.clear()
+        self.lot.unpark_all()
+
+
+@dataclass(eq=False)
+class MemoryStream:
+    out: _Pipe
+    inp: _Pipe
+    on_close: Callable[[], object] | None = None
+    closed: bool = False
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        self._check_open()
+        await self.out.send(data)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        self._check_open()
+        return await self.inp.receive(max_bytes)
+
+    async def receive_into(self, view: memoryview) -> int:
+        data = await self.receive_some(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.out.close()  # the peer reads the rest, then end of stream
+            self.inp.close(reset=True)  # the peer's sends fail
+            if self.on_close is not None:
+                self.on_close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise TransportError("stream is closed")
+
+
 @dataclass(eq=False)
 class MemoryNetwork:
-    """An in-process network of listeners, one per address, joined by trio memory streams."""
+    """An in-process network of listeners, one per address, with link timing from ``timing``.
 
-    _listeners: dict[Address, trio.MemorySendChannel[TrioStream]] = field(default_factory=dict)
+    Used directly as a ``Transport`` its connections come from nowhere in particular; each
+    simulated node gets its own ``endpoint(address)``, so links know both ends and ``kill``
+    can drop everything of one node at once, as a crash would.
+    """
+
+    timing: Timing = field(default_factory=Instant)
+    _listeners: dict[Address, trio.MemorySendChannel[MemoryStream]] = field(default_factory=dict)
+    _streams: dict[Address, dict[int, MemoryStream]] = field(default_factory=dict)
+    _ids: Iterator[int] = field(default_factory=itertools.count)
     _ports: Iterator[int] = field(default_factory=lambda: itertools.count(40000))
 
-    async def connect(self, address: Address) -> Stream:
-        await trio.lowlevel.checkpoint()
+    def endpoint(self, address: Address) -> Transport:
+        return _NodeTransport(self, address)
+
+    async def connect(self, address: Address, *, source: Address | None = None) -> Stream:
+        now = trio.current_time()
+        if not self.timing.reachable(source, address, now):
+            await trio.lowlevel.checkpoint()
+            raise TransportError(f"{address} is unreachable")
+        # The handshake of a connection costs a round trip.
+        _, there = self.timing.transmit(source, address, 0, now)
+        _, back = self.timing.transmit(address, source, 0, there)
+        await trio.sleep_until(back)
         channel = self._listeners.get(address)
         if channel is None:
             raise TransportError(f"connection to {address} refused")
-        ours, theirs = trio.testing.memory_stream_pair()
+        forth, back_pipe = _Pipe(self.timing, source, address), _Pipe(self.timing, address, source)
+        ours = self._register(source, MemoryStream(forth, back_pipe))
+        theirs = self._register(address, MemoryStream(back_pipe, forth))
         try:
-            channel.send_nowait(TrioStream(theirs))
+            channel.send_nowait(theirs)
         except (trio.BrokenResourceError, trio.WouldBlock) as exc:
+            ours.close()
+            theirs.close()
             raise TransportError(f"connection to {address} refused") from exc
-        return TrioStream(ours)
+        return ours
 
     async def serve(
         self,
@@ -195,7 +313,7 @@ class MemoryNetwork:
             address = Address(address.host, next(self._ports))
         if address in self._listeners:
             raise TransportError(f"address {address} already in use")
-        send, receive = trio.open_memory_channel[TrioStream](64)
+        send, receive = trio.open_memory_channel[MemoryStream](64)
         self._listeners[address] = send
         try:
             async with receive, trio.open_nursery() as nursery:
@@ -203,5 +321,43 @@ class MemoryNetwork:
                 async for stream in receive:
                     nursery.start_soon(handler, stream)
         finally:
-            del self._listeners[address]
+            if self._listeners.get(address) is send:
+                del self._listeners[address]
             send.close()
+
+    def kill(self, address: Address) -> None:
+        """Drop ``address``'s listener and every connection it has, as a crash does."""
+        channel = self._listeners.pop(address, None)
+        if channel is not None:
+            channel.close()
+        for stream in list(self._streams.pop(address, {}).values()):
+            stream.close()
+
+    def _register(self, owner: Address | None, stream: MemoryStream) -> MemoryStream:
+        if owner is None:
+            return stream
+        streams = self._streams.setdefault(owner, {})
+        key = next(self._ids)
+        streams[key] = stream
+        stream.on_close = lambda: streams.pop(key, None)
+        return stream
+
+
+@dataclass(frozen=True)
+class _NodeTransport:
+    """One node's view of a MemoryNetwork: its connections come from its own address."""
+
+    network: MemoryNetwork
+    address: Address
+
+    async def connect(self, address: Address) -> Stream:
+        return await self.network.connect(address, source=self.address)
+
+    async def serve(
+        self,
+        address: Address,
+        handler: Handler,
+        *,
+        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        await self.network.serve(address, handler, task_status=task_status)

@@ -57,6 +57,9 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 assert sys.byteorder == "little"
 
 
+Payload = tuple[torch.Tensor, ...]  # the tensors a message carries
+
+
 class ProtocolError(Exception):
     """The peer sent bytes or messages that break the protocol. The connection is unusable."""
 
@@ -79,7 +82,7 @@ class Frame:
     """One decoded frame: its header (envelope + message fields) and its tensors."""
 
     header: dict[str, Any]
-    tensors: tuple[torch.Tensor, ...] = ()
+    tensors: Payload = ()
 
     @property
     def type(self) -> str:

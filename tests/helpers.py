@@ -10,8 +10,9 @@ import torch
 import trio
 
 from gossipnode.algorithms import make_algorithm
-from gossipnode.cluster import consensus_distance, ring
+from gossipnode.cluster import ring
 from gossipnode.config import NodeConfig
+from gossipnode.learner import consensus_distance
 from gossipnode.node import Node
 from gossipnode.tasks import Task, load_task
 from gossipnode.transport import Address, MemoryNetwork, Stream, Transport

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import trio
 
-from gossipnode.cluster import NodeResult, consensus_distance, start_nodes, wait_all
+from gossipnode.cluster import NodeResult, start_nodes, wait_all
+from gossipnode.learner import consensus_distance
 
 from .helpers import eventually
 
