@@ -103,6 +103,7 @@ class Node:
     trace: Emit | None = None  # gets every gradient and exchange (simulation traces)
     adversary: Behaviour | None = None  # what a Byzantine node sends instead of its payload
     incarnation: int = 0  # restarts of this node; keeps its random streams fresh
+    evaluate_at_end: bool = True  # put the task's metrics in the summary (a simulator has them)
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
@@ -175,7 +176,10 @@ class Node:
         return trio.current_time() - self._t0
 
     async def summary(self) -> dict[str, Any]:
-        metrics = await self._offload(self.learner.evaluate, self.algorithm.params(self.state))
+        metrics = {}
+        if self.evaluate_at_end:
+            params = self.algorithm.params(self.state)
+            metrics = await self._offload(self.learner.evaluate, params)
         return {
             "node": self.config.node_id,
             "elapsed": self.now(),

@@ -177,6 +177,14 @@ class Instant:
         return now, now
 
 
+async def _wait_until(deadline: float) -> None:
+    """sleep_until, minus the cancel scope when there is nothing to wait for (hot path)."""
+    if deadline > trio.current_time():
+        await trio.sleep_until(deadline)
+    else:
+        await trio.lowlevel.checkpoint()
+
+
 @dataclass(eq=False)
 class _Pipe:
     """One direction of a memory connection: chunks in flight, each with its arrival time."""
@@ -194,7 +202,7 @@ class _Pipe:
             raise TransportError("connection closed")
         chunk = bytes(data)
         done, arrival = self.timing.transmit(self.src, self.dst, len(chunk), trio.current_time())
-        await trio.sleep_until(done)  # the link is busy sending it
+        await _wait_until(done)  # the link is busy sending it
         if self.reset:
             raise TransportError("connection reset by peer")
         self.queue.append((arrival, chunk))
@@ -207,7 +215,7 @@ class _Pipe:
                 return b""
             await self.lot.park()
         arrival, chunk = self.queue[0]
-        await trio.sleep_until(arrival)
+        await _wait_until(arrival)
         if not self.queue:  # reset while we waited
             return b""
         if len(chunk) > max_bytes:

@@ -119,3 +119,65 @@ def test_text_format_of_events() -> None:
     assert line.startswith("[node 2] t=    5.0s  grads=10")
     assert "accuracy=0.75" in line
     assert "peers_up=2" in line
+
+
+SIM = ["simulate", "--graph", "ring:4", "--duration", "5", "--quiet"]
+
+
+@pytest.mark.parametrize(
+    ("args", "files", "message"),
+    [
+        (["--algorithm", "sgp"], {}, "--algorithm: unknown algorithm 'sgp'; known: gossip"),
+        (["--task", "mnist"], {}, "--task: unknown task 'mnist'"),
+        (["--graph", "rign:4"], {}, "--graph: unknown graph kind 'rign'"),
+        (
+            ["--scenario", "{d}/s.toml"],
+            {"s.toml": "[network\n"},
+            "--scenario: {d}/s.toml is not valid TOML",
+        ),
+        (
+            ["--scenario", "{d}/s.toml"],
+            {"s.toml": '[[faults]]\nkind = "crash"\nnode = 9\nat = 1'},
+            "--scenario: {d}/s.toml: faults[0].node: node 9 does not exist (nodes are 0..3)",
+        ),
+        (
+            ["--rates", "{d}/r.json"],
+            {"r.json": '{"edges": [[0, 2]], "rates": [1]}'},
+            "--rates: {d}/r.json is for another graph: edge (0, 2) is not in the topology",
+        ),
+        (["--topology", "{d}/t.json"], {}, "give one of --topology FILE or --graph KIND:SIZE"),
+        (["--duration", "0"], {}, "--duration: must be a number > 0, got '0'"),
+        (
+            ["--grad-rate", "max", "--scenario", "{d}/s.toml"],
+            {"s.toml": "[compute]\nstep_time=0"},
+            "--grad-rate max: every node needs a step time > 0 ([compute])",
+        ),
+    ],
+)
+def test_bad_simulations_are_one_line_and_exit_2(
+    tmp_path: Path, args: list[str], files: dict[str, str], message: str
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    code, out, err = invoke(*SIM, *(a.replace("{d}", str(tmp_path)) for a in args))
+    assert code == 2, out + err
+    assert err.startswith(f"gossipnode: error: {message.replace('{d}', str(tmp_path))}")
+    assert err.count("\n") == 1
+
+
+def test_simulate_then_report(tmp_path: Path) -> None:
+    for name, rate in (("slow", "1"), ("fast", "4")):
+        code, out, err = invoke(*SIM, "--gossip-rate", rate, "--out", str(tmp_path / name))
+        assert code == 0, err
+        assert "4 nodes, 5 virtual s" in out
+    code, out, err = invoke(
+        "report", str(tmp_path / "slow"), str(tmp_path / "fast"), "--out", str(tmp_path / "plots")
+    )
+    assert code == 0, err
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert "consensus_distance-vs-time.png" in pngs
+    assert "suboptimality-vs-exchanges.png" in pngs
+    assert all((tmp_path / "plots" / p).stat().st_size > 10_000 for p in pngs)
+    code, _, err = invoke("report", str(tmp_path / "nothing"))
+    assert code == 2
+    assert "has no trace.jsonl" in err
