@@ -48,6 +48,10 @@ def run(
     num_nodes: Annotated[str | None, Opt(help="Nodes in the cluster (splits the data).")] = None,
     listen: Annotated[str | None, Opt(help="host:port to accept peers on.")] = None,
     peers: Annotated[str | None, Opt(help="Comma-separated host:port of graph neighbours.")] = None,
+    topology: Annotated[
+        str | None, Opt(help="Topology JSON: peers, addresses, edge rates (instead of --peers).")
+    ] = None,
+    rates: Annotated[str | None, Opt(help="Rates JSON for --topology (gossipnode plan).")] = None,
     task: Annotated[str | None, Opt(help="logreg, digits, or package.module:factory.")] = None,
     algorithm: Annotated[str | None, Opt(help="Mixing rule: gossip.")] = None,
     duration: Annotated[str | None, Opt(help="Seconds to run; 0 = until SIGTERM.")] = None,
@@ -195,6 +199,107 @@ def report(
         print(path)
 
 
+topology_app = typer.Typer(help="Make and inspect topology files.", no_args_is_help=True)
+app.add_typer(topology_app, name="topology")
+
+
+@topology_app.command("generate")
+def topology_generate(
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="ring, path, star, complete, grid, torus, "
+            "hypercube, barbell, wheel, random-geometric, "
+            "erdos-renyi, random-regular."
+        ),
+    ],
+    n: Annotated[int, Opt("--n", help="Number of nodes.")],
+    out: Annotated[Path, Opt(help="Where to write the topology JSON.")],
+    seed: Annotated[int, Opt(help="Seed of the random families.")] = 0,
+    base_port: Annotated[int | None, Opt(help="Give node i the address 127.0.0.1:PORT+i.")] = None,
+) -> None:
+    """Write a topology file of a graph family."""
+    from gossipnode import graphs
+    from gossipnode import topology as topologies
+
+    try:
+        topo = graphs.generate(kind, n, seed)
+    except topologies.TopologyError as exc:
+        fail(str(exc))
+    if base_port is not None:
+        topo = topologies.Topology(
+            topo.n, topo.edges, addresses={i: f"127.0.0.1:{base_port + i}" for i in range(topo.n)}
+        )
+    topologies.save(topo, out)
+    print(f"{out}: {kind}, {topo.n} nodes, {len(topo.edges)} edges")
+
+
+@topology_app.command("show")
+def topology_show(
+    file: Annotated[Path, typer.Argument(help="Topology JSON.")],
+    rates: Annotated[Path | None, Opt(help="Rates JSON to use instead of the file's.")] = None,
+    plot: Annotated[Path | None, Opt(help="Draw the graph to this PNG.")] = None,
+) -> None:
+    """Print a topology's size, degrees, diameter and spectral constants."""
+    from gossipnode import planner
+    from gossipnode import topology as topologies
+
+    try:
+        topo = topologies.load(file)
+        if rates is not None:
+            topo = topologies.load_rates(rates, topo)
+    except topologies.TopologyError as exc:
+        fail(str(exc))
+    for line in planner.describe(topo):
+        print(line)
+    if plot is not None:
+        planner.draw(topo, plot)
+        print(f"drawing: {plot}")
+
+
+@app.command()
+def plan(
+    file: Annotated[Path, typer.Argument(help="Topology JSON.")],
+    budget: Annotated[str, Opt(help="Total rate (global) or each node's (per-node...).")] = "1",
+    constraint: Annotated[str, Opt(help="global, per-node or per-node-bandwidth.")] = "global",
+    method: Annotated[str, Opt(help="auto (SDP up to 64 nodes), sdp or first-order.")] = "auto",
+    solver: Annotated[str | None, Opt(help="cvxpy solver for the SDP (default CLARABEL).")] = None,
+    scale: Annotated[
+        str, Opt(help="budget: rates fill the budget; dadao: rescaled so chi_1 chi_2 = 1/2.")
+    ] = "budget",
+    out: Annotated[Path | None, Opt(help="Where to write the rates JSON.")] = None,
+) -> None:
+    """Optimal per-edge gossip rates for a topology (DADAO's SDP, or first-order)."""
+    import json as json_module
+
+    from gossipnode import planner
+    from gossipnode import topology as topologies
+
+    if scale not in ("budget", "dadao"):
+        fail(f"--scale: must be budget or dadao, got {scale!r}")
+    try:
+        topo = topologies.load(file)
+        result = planner.plan(
+            topo, _positive_or_fail("--budget", budget), constraint, method=method, solver=solver
+        )
+    except (topologies.TopologyError, planner.PlanError) as exc:
+        fail(str(exc))
+    for line in planner.report_lines(result):
+        print(line)
+    if out is not None:
+        out.write_text(json_module.dumps(planner.rates_json(result, scale), indent=1) + "\n")
+        print(f"rates ({scale} scale) written to {out}")
+
+
+def _positive_or_fail(flag: str, value: str) -> float:
+    from gossipnode.config import ConfigError
+
+    try:
+        return _positive(flag, value)
+    except ConfigError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def version() -> None:
     """Print the version."""
@@ -232,18 +337,19 @@ def _sim_options(
     from gossipnode import topology as topologies
     from gossipnode.algorithms import ALGORITHMS
     from gossipnode.config import ConfigError, parse_flag
+    from gossipnode.graphs import from_spec
     from gossipnode.sim import SimOptions
     from gossipnode.tasks import TaskError, find_factory
 
     if (topology is None) == (graph is None):
         raise ConfigError("give one of --topology FILE or --graph KIND:SIZE")
     try:
-        topo = topologies.load(topology) if topology else topologies.from_spec(str(graph))
+        topo = topologies.load(topology) if topology else from_spec(str(graph), int(seed))
     except topologies.TopologyError as exc:
         raise ConfigError(f"{'--topology' if topology else '--graph'}: {exc}") from None
     if rates is not None:
         try:
-            topo = topo.with_rates(topologies.load_rates(rates, topo))
+            topo = topologies.load_rates(rates, topo)
         except topologies.TopologyError as exc:
             raise ConfigError(f"--rates: {exc}") from None
     try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gossipnode import topology
 from gossipnode.transport import Address
 from gossipnode.wire import Limits
 
@@ -47,6 +48,11 @@ class NodeConfig:
     max_frame_mb: float = 1024.0
     log_level: str = "info"
     json: bool = False
+    topology: Path | None = None  # a topology file: peers, addresses, per-edge rates
+    rates: Path | None = None  # a rates file for that topology (from gossipnode plan)
+    # Exchanges per second this node initiates towards each peer (from a topology's rates);
+    # a peer not listed gets half of gossip_rate, the other end initiating the other half.
+    clock_rates: Mapping[Address, float] = field(default_factory=dict)
 
     @property
     def limits(self) -> Limits:
@@ -177,6 +183,8 @@ OPTIONS = {
         Option("max_frame_mb", "max_frame_mb", _float(allow_zero=False)),
         Option("log_level", "log_level", _choice("debug", "info", "warning", "error")),
         Option("json", "json", _bool),
+        Option("topology", "topology", _path),
+        Option("rates", "rates", _path),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")
@@ -214,20 +222,60 @@ def resolve(
         if value is not None:
             raw[name] = (value, flag(name))
 
-    for name in REQUIRED:
-        if name not in raw:
-            raise ConfigError(
-                f"{flag(name)} is required (or {ENV_PREFIX}{name.upper()}, or {name} in --config)"
-            )
     values: dict[str, Any] = {}
     for name, (value, source) in raw.items():
         try:
             values[OPTIONS[name].field] = OPTIONS[name].parse(value)
         except ValueError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+    sources = {OPTIONS[n].field: src for n, (_, src) in raw.items()}
+    if "topology" in values:
+        _from_topology(values, sources)
+    elif "rates" in values:
+        raise ConfigError(f"{sources['rates']}: rates belong to a topology; give --topology too")
+    for name in REQUIRED:
+        if OPTIONS[name].field not in values:
+            raise ConfigError(
+                f"{flag(name)} is required (or {ENV_PREFIX}{name.upper()}, or {name} in --config)"
+            )
     config = NodeConfig(**values)
-    _check(config, {OPTIONS[n].field: src for n, (_, src) in raw.items()})
+    _check(config, sources)
     return config
+
+
+def _from_topology(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Fill the cluster size, this node's address and its peers from --topology."""
+    where = sources["topology"]
+    try:
+        topo = topology.load(values["topology"])
+    except topology.TopologyError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if "rates" in values:
+        try:
+            topo = topology.load_rates(values["rates"], topo)
+        except topology.TopologyError as exc:
+            raise ConfigError(f"{sources['rates']}: {exc}") from None
+    if "peers" in values:
+        raise ConfigError(f"{sources['peers']}: give --peers or --topology, not both")
+    if values.setdefault("num_nodes", topo.n) != topo.n:
+        raise ConfigError(f"{sources['num_nodes']}: the topology has {topo.n} nodes")
+    for derived in ("num_nodes", "listen", "peers"):
+        sources.setdefault(derived, where)
+    node = values.get("node_id")
+    if node is None or not 0 <= node < topo.n:
+        return  # reported as a missing or bad --id
+    try:
+        if "listen" not in values and node in topo.addresses:
+            values["listen"] = Address.parse(topo.addresses[node])
+        rates = {}
+        for j in topo.neighbours(node):
+            if j not in topo.addresses:
+                raise ValueError(f"neighbour {j} of node {node} has no address")
+            rates[Address.parse(topo.addresses[j])] = topo.clock_rate(node, j, math.nan)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    values["peers"] = tuple(rates)
+    values["clock_rates"] = {a: r for a, r in rates.items() if not math.isnan(r)}
 
 
 def _check(config: NodeConfig, source: Mapping[str, str]) -> None:

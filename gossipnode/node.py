@@ -5,8 +5,9 @@ A node runs, in one nursery:
 * the accept loop: each inbound connection gets a task that answers exchanges;
 * the compute loop: gradient steps on a Poisson clock of rate ``grad_rate`` (or back to back),
   each computed in a worker thread on a snapshot of the model and applied when it returns;
-* one gossip clock per incident edge, of rate lambda/2 at each end, so that the two ends
-  together fire the edge at rate lambda; each tick initiates one exchange on that edge;
+* one gossip clock per incident edge, of rate lambda/2 at each end (or the end's planned
+  share), so that the two ends together fire the edge at rate lambda; each tick initiates
+  one exchange on that edge;
 * the progress reporter.
 
 Who owns the state: the trio thread. ``self.state`` is replaced only by synchronous code
@@ -28,7 +29,7 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -81,7 +82,7 @@ class Peer:
     """One incident edge, as this node sees it: where to dial, how often, and its state."""
 
     address: Address
-    rate: float  # exchanges per second on this edge, both ends together
+    rate: float  # exchanges per second this end initiates on the edge
     rng: random.Random  # this edge's clock and exchange ids
     backoff: Backoff
     node_id: int | None = None  # learned in the handshake
@@ -98,7 +99,6 @@ class Node:
     algorithm: Algorithm
     emit: Emit = _ignore
     threaded: bool = True  # compute gradients in a worker thread (off in virtual time)
-    rates: Mapping[Address, float] = field(default_factory=dict)  # per edge; else gossip_rate
     step_time: float = 0.0  # virtual seconds a gradient step costs (simulation)
     trace: Emit | None = None  # gets every gradient and exchange (simulation traces)
     adversary: Behaviour | None = None  # what a Byzantine node sends instead of its payload
@@ -126,7 +126,7 @@ class Node:
         self.peers = [
             Peer(
                 addr,
-                self.rates.get(addr, cfg.gossip_rate),
+                cfg.clock_rates.get(addr, cfg.gossip_rate / 2),
                 self._rng("edge", str(addr)),
                 Backoff(self._rng("backoff", str(addr))),
             )
@@ -231,7 +231,7 @@ class Node:
     async def _edge_loop(self, peer: Peer) -> None:
         if peer.rate <= 0:
             return
-        clock = PoissonClock(peer.rate / 2, peer.rng, trio.current_time())
+        clock = PoissonClock(peer.rate, peer.rng, trio.current_time())
         while True:
             await trio.sleep_until(clock.next)
             clock.pop_due(trio.current_time())

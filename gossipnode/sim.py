@@ -145,6 +145,9 @@ class Simulation:
             init=opts.init,
             exchange_timeout=opts.exchange_timeout,
             progress_every=0.0,
+            clock_rates={
+                address(j): opts.topology.clock_rate(i, j, opts.gossip_rate) for j in neighbours
+            },
         )
         behaviour = self._byzantine.get(i)
         node = Node(
@@ -153,7 +156,6 @@ class Simulation:
             task=self.task,
             algorithm=make_algorithm(opts.algorithm, lr=opts.lr),
             threaded=False,
-            rates={address(j): opts.topology.rate(i, j, opts.gossip_rate) for j in neighbours},
             step_time=opts.scenario.step_time_of(i),
             trace=self._event,
             adversary=BEHAVIOURS[behaviour] if behaviour else None,

@@ -11,14 +11,16 @@ A topology file is JSON::
 Node ids are 0..n-1 (they also pick each node's data shard); an address is optional. Edges
 are undirected, without self-loops or duplicates, and the graph must be connected. A rates
 file (what ``gossipnode plan`` writes) is ``{"edges": [[i, j], ...], "rates": [...]}`` for
-the same edges. No I/O beyond reading and writing those files; no graph library.
+the same edges, and optionally ``"directed": [[r_ij, r_ji], ...]``, the rate each end
+initiates (by default half the edge's rate each). No I/O beyond reading and writing those
+files, and no graph library: the daemon loads topologies without networkx.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,18 +40,32 @@ class Topology:
     edges: tuple[Edge, ...]  # (i, j) with i < j, sorted
     rates: dict[Edge, float] = field(default_factory=dict)  # missing: the default rate
     addresses: dict[int, str] = field(default_factory=dict)
+    directed: dict[Edge, tuple[float, float]] = field(default_factory=dict)  # what i, j initiate
 
     def __post_init__(self) -> None:
         _validate(self.n, self.edges, self.rates)
+        for edge, (a, b) in self.directed.items():
+            if abs(a + b - self.rates.get(edge, math.nan)) > 1e-9 * max(1.0, a + b):
+                raise TopologyError(f"edge {edge}: the directed rates do not add up to its rate")
 
     def neighbours(self, node: int) -> list[int]:
         return [j if i == node else i for i, j in self.edges if node in (i, j)]
 
     def rate(self, i: int, j: int, default: float) -> float:
+        """Exchanges per second on edge (i, j), both ends together."""
         return self.rates.get((min(i, j), max(i, j)), default)
 
-    def with_rates(self, rates: dict[Edge, float]) -> Topology:
-        return Topology(self.n, self.edges, rates, self.addresses)
+    def clock_rate(self, i: int, j: int, default: float) -> float:
+        """Exchanges per second node i initiates on edge (i, j)."""
+        edge = (min(i, j), max(i, j))
+        if edge in self.directed:
+            return self.directed[edge][0 if i == edge[0] else 1]
+        return self.rate(i, j, default) / 2
+
+    def with_rates(
+        self, rates: dict[Edge, float], directed: dict[Edge, tuple[float, float]] | None = None
+    ) -> Topology:
+        return Topology(self.n, self.edges, rates, self.addresses, directed or {})
 
     def laplacian(self, default_rate: float = 1.0) -> np.ndarray:
         """The rate Laplacian sum_e rate_e (e_i - e_j)(e_i - e_j)^T, (n, n)."""
@@ -74,6 +90,8 @@ class Topology:
         data: dict[str, Any] = {"nodes": nodes, "edges": [list(e) for e in self.edges]}
         if self.rates:
             data["rates"] = [self.rates.get(e) for e in self.edges]
+        if self.directed:
+            data["directed"] = [list(self.directed[e]) for e in self.edges]
         return data
 
 
@@ -148,8 +166,9 @@ def load(path: Path) -> Topology:
         raise TopologyError(f"{where}: node ids must be 0..{len(ids) - 1}")
     edges = _edge_list(data.get("edges"), where)
     rates = _rate_list(data.get("rates"), edges, where) if "rates" in data else {}
+    directed = _directed(data, edges, where)
     try:
-        return Topology(len(ids), tuple(sorted(edges)), rates, addresses)
+        return Topology(len(ids), tuple(sorted(edges)), rates, addresses, directed)
     except TopologyError as exc:
         raise TopologyError(f"{where}: {exc}") from None
 
@@ -158,8 +177,8 @@ def save(topology: Topology, path: Path) -> None:
     path.write_text(json.dumps(topology.to_json(), indent=1) + "\n")
 
 
-def load_rates(path: Path, topology: Topology) -> dict[Edge, float]:
-    """Per-edge rates from a rates file, which must be for exactly ``topology``'s edges."""
+def load_rates(path: Path, topology: Topology) -> Topology:
+    """``topology`` with the rates of a rates file, which must be for exactly its edges."""
     data = _read_json(path)
     where = f"{path}"
     if not isinstance(data, dict):
@@ -179,7 +198,30 @@ def load_rates(path: Path, topology: Topology) -> dict[Edge, float]:
             f"{where} is for another graph: {problem} "
             f"({topology.n} nodes, {len(topology.edges)} edges)"
         )
-    return rates
+    try:
+        return topology.with_rates(rates, _directed(data, edges, where))
+    except TopologyError as exc:
+        raise TopologyError(f"{where}: {exc}") from None
+
+
+def _directed(
+    data: dict[str, Any], edges: list[Edge], where: str
+) -> dict[Edge, tuple[float, float]]:
+    raw = data.get("directed")
+    if raw is None:
+        return {}
+    if not isinstance(raw, list) or len(raw) != len(edges):
+        raise TopologyError(f"{where}: 'directed' must be a list with one [i->j, j->i] per edge")
+    directed = {}
+    for edge, pair in zip(edges, raw, strict=True):
+        if not (isinstance(pair, list) and len(pair) == 2) or any(
+            isinstance(r, bool) or not isinstance(r, int | float) or not r >= 0 for r in pair
+        ):
+            raise TopologyError(
+                f"{where}: the directed rates of edge {edge} must be 2 numbers >= 0"
+            )
+        directed[edge] = (float(pair[0]), float(pair[1]))
+    return directed
 
 
 def _read_json(path: Path) -> Any:
@@ -204,8 +246,7 @@ def _edge_list(raw: object, where: str) -> list[Edge]:
     for entry in raw:
         if not (isinstance(entry, list) and len(entry) == 2 and all(map(_is_int, entry))):
             raise TopologyError(f"{where}: bad edge {entry!r}; an edge is [i, j]")
-        i, j = entry
-        edges.append((min(i, j), max(i, j)) if i != j else (i, j))
+        edges.append((entry[0], entry[1]))
     return edges
 
 
@@ -218,61 +259,3 @@ def _rate_list(raw: object, edges: list[Edge], where: str) -> dict[Edge, float]:
             raise TopologyError(f"{where}: the rate of edge {edge} must be a number")
         rates[edge] = float(rate)
     return rates
-
-
-# ---------------------------------------------------------------------------- graphs
-
-
-def _ring(n: int) -> list[Edge]:
-    return [(i, (i + 1) % n) for i in range(n)] if n > 2 else _path(n)
-
-
-def _path(n: int) -> list[Edge]:
-    return [(i, i + 1) for i in range(n - 1)]
-
-
-def _star(n: int) -> list[Edge]:
-    return [(0, i) for i in range(1, n)]
-
-
-def _complete(n: int) -> list[Edge]:
-    return [(i, j) for i in range(n) for j in range(i + 1, n)]
-
-
-def _grid(rows: int, cols: int, wrap: bool) -> list[Edge]:
-    edges = []
-    for r in range(rows):
-        for c in range(cols):
-            here = r * cols + c
-            if c + 1 < cols or (wrap and cols > 2):
-                edges.append((here, r * cols + (c + 1) % cols))
-            if r + 1 < rows or (wrap and rows > 2):
-                edges.append((here, ((r + 1) % rows) * cols + c))
-    return edges
-
-
-GRAPHS: dict[str, Callable[[list[int]], tuple[int, list[Edge]]]] = {
-    "ring": lambda a: (a[0], _ring(a[0])),
-    "path": lambda a: (a[0], _path(a[0])),
-    "star": lambda a: (a[0], _star(a[0])),
-    "complete": lambda a: (a[0], _complete(a[0])),
-    "grid": lambda a: (a[0] * a[1], _grid(a[0], a[1], wrap=False)),
-    "torus": lambda a: (a[0] * a[1], _grid(a[0], a[1], wrap=True)),
-}
-_ARITY = {"grid": 2, "torus": 2}
-
-
-def from_spec(spec: str) -> Topology:
-    """A graph from ``kind:size``: ring:16, path:8, star:10, complete:5, grid:4x4, torus:4x4."""
-    kind, _, size = spec.partition(":")
-    if kind not in GRAPHS:
-        raise TopologyError(
-            f"unknown graph kind {kind!r}; known: {', '.join(GRAPHS)} (e.g. ring:16, grid:4x4)"
-        )
-    arity = _ARITY.get(kind, 1)
-    parts = size.split("x")
-    if len(parts) != arity or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        example = "4x4" if arity == 2 else "16"
-        raise TopologyError(f"graph {spec!r}: write {kind}:{example}")
-    n, edges = GRAPHS[kind]([int(p) for p in parts])
-    return from_edges(n, {(min(i, j), max(i, j)) for i, j in edges})

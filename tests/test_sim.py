@@ -13,11 +13,11 @@ import torch
 import trio
 import trio.testing
 
+from gossipnode.graphs import from_spec
 from gossipnode.learner import consensus_distance
 from gossipnode.netmodel import Latency, LinkSpec
 from gossipnode.scenario import Byzantine, Crash, PartitionFault, Scenario
 from gossipnode.sim import SimOptions, Simulation, deterministic_scheduling, simulate
-from gossipnode.topology import from_spec
 
 
 def run(options: SimOptions, on_sample: Any = None) -> tuple[Simulation, dict[str, Any]]:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gossipnode import topology
-from gossipnode.topology import Topology, TopologyError, from_edges, from_spec
+from gossipnode.graphs import KINDS, from_spec, generate
+from gossipnode.topology import Topology, TopologyError, from_edges
 
 
 @pytest.mark.parametrize(
@@ -22,7 +23,6 @@ from gossipnode.topology import Topology, TopologyError, from_edges, from_spec
         ("grid:4x3", 12, 17),
         ("torus:4x4", 16, 32),
         ("ring:2", 2, 1),
-        ("ring:1", 1, 0),
     ],
 )
 def test_graph_specs(spec: str, n: int, edges: int) -> None:
@@ -48,7 +48,8 @@ def test_file_round_trip_with_rates_and_addresses(tmp_path: Path) -> None:
     [
         ({"nodes": [{"id": 0}, {"id": 1}], "edges": []}, "not connected: nodes \\[1\\]"),
         ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 0], [0, 1]]}, "self-loop"),
-        ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 1], [1, 0]]}, "appears twice"),
+        ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 1], [0, 1]]}, "appears twice"),
+        ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[1, 0]]}, "smallest id first"),
         ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 2]]}, "does not exist"),
         ({"nodes": [{"id": 0}, {"id": 0}], "edges": []}, "node id 0 appears twice"),
         ({"nodes": [{"id": 1}, {"id": 2}], "edges": [[1, 2]]}, "ids must be 0..1"),
@@ -77,7 +78,7 @@ def test_rates_file_must_match_the_graph(tmp_path: Path) -> None:
     ring = from_spec("ring:4")
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"edges": [list(e) for e in ring.edges], "rates": [1, 2, 3, 4]}))
-    assert topology.load_rates(good, ring)[(0, 1)] == 1.0
+    assert topology.load_rates(good, ring).rates[(0, 1)] == 1.0
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"edges": [[0, 1], [0, 2], [0, 3]], "rates": [1, 1, 1]}))
     with pytest.raises(TopologyError, match=r"for another graph: edge \(0, 2\) is not in"):
@@ -88,14 +89,47 @@ def test_rates_file_must_match_the_graph(tmp_path: Path) -> None:
         topology.load_rates(fewer, ring)
 
 
-def test_bad_graph_specs() -> None:
-    with pytest.raises(TopologyError, match="unknown graph kind 'rign'; known: ring"):
-        from_spec("rign:16")
-    with pytest.raises(TopologyError, match="write grid:4x4"):
-        from_spec("grid:16")
-    with pytest.raises(TopologyError, match="write ring:16"):
-        from_spec("ring:x")
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_family_is_connected_and_reproducible(kind: str) -> None:
+    n = 16 if kind != "barbell" else 10
+    a, b = generate(kind, n, seed=3), generate(kind, n, seed=3)
+    assert a == b
+    assert a.n == n  # Topology validates connectivity on construction
+    if kind.startswith(("random", "erdos")):
+        assert generate(kind, n, seed=4) != a
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("rign:16", "unknown graph kind 'rign'; known: ring"),
+        ("ring:x", "write ring:N, e.g. ring:16"),
+        ("hypercube:12", "hypercube needs a power of two; got n = 12"),
+        ("barbell:7", "barbell needs an even n >= 6"),
+        ("torus:8", "torus needs r x c = n with r, c >= 3"),
+        ("ring:1", "needs at least 2 nodes"),
+    ],
+)
+def test_bad_graph_specs(spec: str, message: str) -> None:
+    with pytest.raises(TopologyError, match=message):
+        from_spec(spec)
 
 
 def test_from_edges_normalises() -> None:
     assert from_edges(3, [(2, 1), (1, 0)]).edges == ((0, 1), (1, 2))
+
+
+def test_directed_rates_give_each_end_its_share(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text(
+        json.dumps({"edges": [[0, 1], [1, 2]], "rates": [3, 1], "directed": [[2, 1], [0.25, 0.75]]})
+    )
+    topo = topology.load_rates(path, from_edges(3, [(0, 1), (1, 2)]))
+    assert (topo.clock_rate(0, 1, 9), topo.clock_rate(1, 0, 9)) == (2, 1)
+    assert (topo.clock_rate(1, 2, 9), topo.clock_rate(2, 1, 9)) == (0.25, 0.75)
+    assert from_edges(2, [(0, 1)]).clock_rate(1, 0, 4.0) == 2.0  # default: half each
+    path.write_text(
+        json.dumps({"edges": [[0, 1], [1, 2]], "rates": [3, 1], "directed": [[2, 2], [0.5, 0.5]]})
+    )
+    with pytest.raises(TopologyError, match=r"edge \(0, 1\): the directed rates do not add up"):
+        topology.load_rates(path, from_edges(3, [(0, 1), (1, 2)]))

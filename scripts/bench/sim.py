@@ -31,8 +31,8 @@ def graph_for(kind: str, n: int) -> str:
 
 def one_run(n: int, seconds: float, kind: str) -> dict[str, Any]:
     """Run in this process (called in a child) and return the figures."""
+    from gossipnode.graphs import from_spec
     from gossipnode.sim import SimOptions, simulate
-    from gossipnode.topology import from_spec
 
     options = SimOptions(
         from_spec(graph_for(kind, n)),
