@@ -20,8 +20,8 @@ That is one block of size 2(n-1) and one of size n, where the paper has one (n+1
 edge and a 2n-block: K20-K20 (381 edges) solves in seconds instead of minutes.
 
 The first-order method minimises the same objective, scale-free, in the log domain:
-log chi_1 + log chi_2^E + 2 log(max load / budget), by exponentiated gradient on the simplex,
-with the maxima smoothed (log-sum-exp at a temperature annealed towards 0). Each step costs an
+log chi_1 + log chi_2^E + 2 log(max load / budget), over log-rates with L-BFGS, the three
+maxima smoothed (log-sum-exp at a temperature lowered stage by stage). Each step costs an
 eigendecomposition of W, so it reaches graphs the SDP cannot.
 
 This module is offline planning: the daemon never imports it (and so never loads cvxpy).
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import sparse
 
 from gossipnode.topology import Topology
 
@@ -153,19 +154,28 @@ def plan(
     )
 
 
-def _budget_rows(topology: Topology, constraint: str) -> tuple[np.ndarray, np.ndarray]:
+def _budget_rows(topology: Topology, constraint: str) -> tuple[sparse.csr_array, sparse.csr_array]:
     """(M, A): edge rates are M @ x and the loads A @ x must stay within the budget.
 
     x is one rate per edge, or for per-node two per edge (what each end initiates)."""
     n, m = topology.n, len(topology.edges)
+    ends = np.array(topology.edges, dtype=np.int64).reshape(m, 2)
+    edge_ids = np.arange(m)
     if constraint == "per-node":
-        ends = np.zeros((n, 2 * m))
-        for e, (i, j) in enumerate(topology.edges):
-            ends[i, 2 * e], ends[j, 2 * e + 1] = 1.0, 1.0
-        return np.kron(np.eye(m), np.ones((1, 2))), ends
+        to_edges = sparse.csr_array(
+            (np.ones(2 * m), (np.repeat(edge_ids, 2), np.arange(2 * m))), shape=(m, 2 * m)
+        )
+        loads = sparse.csr_array(
+            (np.ones(2 * m), (ends.ravel(), np.arange(2 * m))), shape=(n, 2 * m)
+        )
+        return to_edges, loads
+    identity = sparse.csr_array(sparse.identity(m))
     if constraint == "per-node-bandwidth":
-        return np.eye(m), np.abs(incidence(topology))
-    return np.eye(m), np.ones((1, m))
+        loads = sparse.csr_array(
+            (np.ones(2 * m), (ends.ravel(), np.repeat(edge_ids, 2))), shape=(n, m)
+        )
+        return identity, loads
+    return identity, sparse.csr_array(np.ones((1, m)))
 
 
 def _solve_sdp(
@@ -181,7 +191,7 @@ def _solve_sdp(
         raise PlanError(
             f"solver {solver} is not installed; installed: {', '.join(cp.installed_solvers())}"
         )
-    to_edges, loads = _budget_rows(topology, constraint)
+    to_edges, loads = (a.toarray() for a in _budget_rows(topology, constraint))
     b = incidence(topology)
     grounded = b[1:]  # node 0 grounded: the reduced Laplacian is invertible
     x = cp.Variable(to_edges.shape[1], nonneg=True)
@@ -215,41 +225,69 @@ def _solve_sdp(
 
 
 def _first_order(
-    topology: Topology, budget: float, constraint: str, iterations: int = 400
+    topology: Topology, budget: float, constraint: str
 ) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
-    to_edges, loads = _budget_rows(topology, constraint)
-    b = incidence(topology)
-    x = np.full(to_edges.shape[1], 1.0 / to_edges.shape[1])
-    step = 1.0
-    temperatures = np.geomspace(0.05, 0.0005, iterations)
-    best, best_x = math.inf, x
-    for tau in temperatures:
-        value, grad = _smoothed(x, to_edges, loads, b, tau)
-        while True:  # backtracking: shrink the step until the smoothed objective drops
-            trial = x * np.exp(-step * (grad - grad.min()))
-            trial /= trial.sum()
-            new, _ = _smoothed(trial, to_edges, loads, b, tau, gradient=False)
-            if new <= value or step < 1e-8:
-                break
-            step /= 2
-        x, step = trial, min(step * 1.5, 10.0)
-        exact = _exact(x, to_edges, loads, b)
-        if exact < best:
-            best, best_x = exact, x
-    rates = best_x * budget / (loads @ best_x).max()
-    weights = to_edges @ rates
+    """L-BFGS on log-rates, the maxima smoothed at temperatures falling stage by stage."""
+    from scipy.optimize import minimize
+
+    problem = _Smoothed(topology, *_budget_rows(topology, constraint))
+    z = np.zeros(problem.to_edges.shape[1])
+    evaluations = 0
+    for tau in (0.05, 0.01, 0.002, 0.0005, 0.0001):
+        problem.tau = tau
+        result = minimize(problem, z, jac=True, method="L-BFGS-B", options={"maxiter": 100})
+        z, evaluations = result.x, evaluations + result.nfev
+    x = np.exp(z - z.max())
+    rates = x * budget / (problem.loads @ x).max()
+    weights = problem.to_edges @ rates
     directed = rates.reshape(-1, 2) if constraint == "per-node" else None
-    return weights, directed, {"iterations": iterations}
+    return weights, directed, {"evaluations": evaluations}
 
 
-def _exact(x: np.ndarray, to_edges: np.ndarray, loads: np.ndarray, b: np.ndarray) -> float:
-    """log chi_1 + log chi_2 + 2 log(max load): scale-free, as the budget will be filled."""
-    eig, vec = np.linalg.eigh((b * (to_edges @ x)) @ b.T)
-    if eig[1] <= 0:
-        return math.inf
-    pinv = (vec[:, 1:] / eig[1:]) @ vec[:, 1:].T
-    resistance = np.einsum("ie,ij,je->e", b, pinv, b)
-    return float(-math.log(eig[1]) + math.log(resistance.max()) + 2 * math.log((loads @ x).max()))
+@dataclass
+class _Smoothed:
+    """log chi_1 + log chi_2^E + 2 log(max load) of x = exp(z), each max a log-sum-exp at
+    temperature ``tau``, with its gradient in z. Scale-free, so z needs no constraint."""
+
+    topology: Topology
+    to_edges: sparse.csr_array
+    loads: sparse.csr_array
+    tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        ends = np.array(self.topology.edges, dtype=np.int64).reshape(-1, 2)
+        self.i, self.j = ends[:, 0], ends[:, 1]
+
+    def laplacian(self, w: np.ndarray) -> np.ndarray:
+        n = self.topology.n
+        lap = np.zeros((n, n))
+        np.add.at(lap, (self.i, self.i), w)
+        np.add.at(lap, (self.j, self.j), w)
+        np.add.at(lap, (self.i, self.j), -w)
+        np.add.at(lap, (self.j, self.i), -w)
+        return lap
+
+    def quadratic(self, k: np.ndarray) -> np.ndarray:
+        """b_e^T K b_e for every edge e."""
+        return np.asarray(k[self.i, self.i] + k[self.j, self.j] - 2 * k[self.i, self.j])
+
+    def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
+        x = np.exp(z - z.max())  # the scale is free: keep the numbers near 1
+        w = self.to_edges @ x
+        eig, vec = np.linalg.eigh(self.laplacian(w))
+        if eig[1] <= 1e-12 * eig[-1]:
+            return 1e10, np.zeros_like(z)  # disconnected: no finite objective here
+        lam, v = eig[1:], vec[:, 1:]  # the non-zero part of the spectrum
+        pinv = (v / lam) @ v.T
+        resistance = self.quadratic(pinv)
+        load = self.loads @ x
+        log_chi1, q = _smax(-np.log(lam), self.tau)
+        log_chi2, p = _smax(np.log(resistance), self.tau)
+        log_load, s = _smax(np.log(load), self.tau)
+        # d log(1/lam_k)/dw_e = -(b_e.v_k)^2/lam_k; d log r_f/dw_e = -(b_f^T W^+ b_e)^2/r_f
+        k = (v * (q / lam)) @ v.T + pinv @ self.laplacian(p / resistance) @ pinv
+        d_x = self.to_edges.T @ -self.quadratic(k) + 2 * (self.loads.T @ (s / load))
+        return log_chi1 + log_chi2 + 2 * log_load, d_x * x
 
 
 def _smax(logs: np.ndarray, tau: float) -> tuple[float, np.ndarray]:
@@ -258,40 +296,6 @@ def _smax(logs: np.ndarray, tau: float) -> tuple[float, np.ndarray]:
     weights = np.exp((logs - top) / tau)
     total = weights.sum()
     return float(top + tau * math.log(total)), weights / total
-
-
-def _smoothed(
-    x: np.ndarray,
-    to_edges: np.ndarray,
-    loads: np.ndarray,
-    b: np.ndarray,
-    tau: float,
-    *,
-    gradient: bool = True,
-) -> tuple[float, np.ndarray]:
-    """The objective with its three maxima smoothed at temperature ``tau``, and its gradient."""
-    w = to_edges @ x
-    eig, vec = np.linalg.eigh((b * w) @ b.T)
-    if eig[1] <= 0:
-        return math.inf, np.zeros_like(x)
-    lam, v = eig[1:], vec[:, 1:]  # the non-zero part of the spectrum
-    pinv = (v / lam) @ v.T
-    resistance = np.einsum("ie,ij,je->e", b, pinv, b)
-    load = loads @ x
-    log_chi1, q = _smax(-np.log(lam), tau)
-    log_chi2, p = _smax(np.log(resistance), tau)
-    log_load, s = _smax(np.log(load), tau)
-    value = log_chi1 + log_chi2 + 2 * log_load
-    if not gradient:
-        return value, x
-    # d log(1/lam_k) / dw_e = -(b_e . v_k)^2 / lam_k
-    k1 = (v * (q / lam)) @ v.T
-    # d log r_f / dw_e = -(b_f^T W^+ b_e)^2 / r_f, summed with weights p_f
-    lap_p = (b * (p / resistance)) @ b.T
-    k2 = pinv @ lap_p @ pinv
-    d_edges = -np.einsum("ie,ij,je->e", b, k1 + k2, b)
-    d_load = loads.T @ (s / load)
-    return value, to_edges.T @ d_edges + 2 * d_load
 
 
 def rates_json(p: Plan, scale: str) -> dict[str, Any]:
