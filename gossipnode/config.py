@@ -262,8 +262,13 @@ def _from_topology(values: dict[str, Any], sources: dict[str, str]) -> None:
     for derived in ("num_nodes", "listen", "peers"):
         sources.setdefault(derived, where)
     node = values.get("node_id")
-    if node is None or not 0 <= node < topo.n:
-        return  # reported as a missing or bad --id
+    if node is None:
+        return  # reported as a missing --id
+    if node >= topo.n:
+        raise ConfigError(
+            f"{sources['node_id']}: node id {node} must be below --num-nodes "
+            f"{topo.n} (ids are 0..{topo.n - 1})"
+        )
     try:
         if "listen" not in values and node in topo.addresses:
             values["listen"] = Address.parse(topo.addresses[node])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,9 @@ def _solve_sdp(
     objective = t1 + cp.inv_pos(s)
     problem = cp.Problem(cp.Minimize(objective), constraints)
     try:
-        problem.solve(solver=solver)
+        with warnings.catch_warnings():  # "may be inaccurate": the status says so, reported
+            warnings.simplefilter("ignore", UserWarning)
+            problem.solve(solver=solver)
     except cp.error.SolverError as exc:
         raise PlanError(f"solver {solver} failed: {exc}") from None
     if problem.status not in ("optimal", "optimal_inaccurate") or x.value is None:
@@ -326,6 +329,8 @@ def rates_json(p: Plan, scale: str) -> dict[str, Any]:
 
 def report_lines(p: Plan) -> list[str]:
     how = f"{p.method}" + (f" with {p.solver}" if p.solver else "")
+    if p.details.get("status") == "optimal_inaccurate":
+        how += ", which reports the optimum as inaccurate"
     planned = p.figures.objective * p.figures.communications
     uniform = p.uniform.objective * p.uniform.communications
     return [

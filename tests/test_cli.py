@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,12 @@ from typer.testing import CliRunner
 from gossipnode.cli import app, format_event
 
 BASE = ["run", "--id", "0", "--num-nodes", "2", "--listen", "127.0.0.1:0", "--duration", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -181,3 +188,105 @@ def test_simulate_then_report(tmp_path: Path) -> None:
     code, _, err = invoke("report", str(tmp_path / "nothing"))
     assert code == 2
     assert "has no trace.jsonl" in err
+
+
+def test_topology_generate_show_and_plan(tmp_path: Path) -> None:
+    topo = tmp_path / "wheel.json"
+    code, out, err = invoke(
+        "topology", "generate", "wheel", "--n", "8", "--out", str(topo), "--base-port", "7100"
+    )
+    assert code == 0, err
+    assert json.loads(topo.read_text())["nodes"][3] == {"id": 3, "address": "127.0.0.1:7103"}
+    code, out, err = invoke("topology", "show", str(topo), "--plot", str(tmp_path / "w.png"))
+    assert code == 0, err
+    assert "8 nodes, 14 edges, connected, 8 with an address" in out
+    assert "degree: min 3, mean 3.5, max 7;  diameter 2" in out
+    assert "lambda_2 = " in out
+    assert (tmp_path / "w.png").stat().st_size > 10_000
+    rates = tmp_path / "rates.json"
+    code, out, err = invoke(
+        "plan",
+        str(topo),
+        "--budget",
+        "7",
+        "--constraint",
+        "per-node",
+        "--scale",
+        "dadao",
+        "--out",
+        str(rates),
+    )
+    assert code == 0, err
+    assert "planned rates (sdp with CLARABEL" in out
+    assert "uniform rates at the same budget:" in out
+    data = json.loads(rates.read_text())
+    assert len(data["rates"]) == len(data["directed"]) == 14
+    assert data["plan"]["chi1"] * data["plan"]["chi2"] == pytest.approx(0.5, rel=1e-6)
+    code, out, err = invoke("topology", "show", str(topo), "--rates", str(rates))
+    assert code == 0, err
+    assert "edge rates: from" in out
+
+
+@pytest.mark.parametrize(
+    ("graph", "args", "message"),
+    [
+        (
+            {"nodes": [{"id": 0}, {"id": 1}, {"id": 2}], "edges": [[0, 1]]},
+            [],
+            r"the graph is not connected: nodes \[2\] cannot reach node 0",
+        ),
+        ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 1], [1, 1]]}, [], "is a self-loop"),
+        ({"nodes": [{"id": 0}, {"id": 0}], "edges": [[0, 1]]}, [], "node id 0 appears twice"),
+        ({"nodes": [{"id": 0}, {"id": 1}], "edges": [[0, 5]]}, [], "node that does not exist"),
+        (None, ["--budget", "0"], "--budget: must be a number > 0, got '0'"),
+        (None, ["--budget", "-3"], "--budget: must be a number > 0"),
+        (None, ["--solver", "MOSEK"], "solver MOSEK is not installed"),
+        (None, ["--solver", "SCIPY"], "solver SCIPY failed: "),
+        (None, ["--constraint", "per-edge"], "unknown constraint 'per-edge'"),
+        (None, ["--scale", "huge"], "--scale: must be budget or dadao"),
+    ],
+)
+def test_bad_plans_are_one_line_and_exit_2(
+    tmp_path: Path, graph: dict | None, args: list[str], message: str
+) -> None:
+    path = tmp_path / "t.json"
+    ring = {"nodes": [{"id": i} for i in range(3)], "edges": [[0, 1], [1, 2], [0, 2]]}
+    path.write_text(json.dumps(graph or ring))
+    code, _, err = invoke("plan", str(path), *args)
+    assert code == 2
+    assert re.search(message, err), err
+    assert err.startswith("gossipnode: error: ")
+    assert err.count("\n") == 1
+
+
+def test_a_node_runs_from_a_topology_file(tmp_path: Path) -> None:
+    port = free_port()
+    topo = tmp_path / "pair.json"
+    topo.write_text(
+        json.dumps(
+            {
+                "nodes": [
+                    {"id": 0, "address": f"127.0.0.1:{port}"},
+                    {"id": 1, "address": "127.0.0.1:9"},
+                ],
+                "edges": [[0, 1]],
+            }
+        )
+    )
+    code, out, err = invoke(
+        "run",
+        "--id",
+        "0",
+        "--topology",
+        str(topo),
+        "--task",
+        "logreg",
+        "--duration",
+        "1",
+        "--json",
+        "--progress-every",
+        "0",
+    )
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["exchanges"]["skipped_unreachable"] >= 0  # its neighbour is not running

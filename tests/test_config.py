@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,62 @@ def test_malformed_and_missing_files(tmp_path: Path) -> None:
         resolve(BASE, {}, bad)
     with pytest.raises(ConfigError, match="no such file"):
         resolve(BASE, {}, tmp_path / "missing.toml")
+
+
+def write_ring(tmp_path: Path, addresses: bool = True) -> Path:
+    nodes = [{"id": i, **({"address": f"10.0.0.{i}:7000"} if addresses else {})} for i in range(4)]
+    edges = [[0, 1], [1, 2], [2, 3], [0, 3]]
+    path = tmp_path / "ring.json"
+    path.write_text(json.dumps({"nodes": nodes, "edges": edges}))
+    return path
+
+
+def test_a_topology_gives_the_size_address_peers_and_rates(tmp_path: Path) -> None:
+    ring = write_ring(tmp_path)
+    rates = tmp_path / "rates.json"
+    rates.write_text(
+        json.dumps(
+            {
+                "edges": [[0, 1], [0, 3], [1, 2], [2, 3]],
+                "rates": [2.0, 4.0, 1.0, 1.0],
+                "directed": [[1.5, 0.5], [1.0, 3.0], [0.5, 0.5], [0.5, 0.5]],
+            }
+        )
+    )
+    config = resolve({"id": "0", "topology": str(ring), "rates": str(rates)}, {})
+    assert config.num_nodes == 4
+    assert config.listen == Address("10.0.0.0", 7000)
+    assert config.peers == (Address("10.0.0.1", 7000), Address("10.0.0.3", 7000))
+    assert config.clock_rates == {Address("10.0.0.1", 7000): 1.5, Address("10.0.0.3", 7000): 1.0}
+    plain = resolve({"id": "2", "topology": str(ring), "listen": "0.0.0.0:7000"}, {})
+    assert plain.listen == Address("0.0.0.0", 7000)  # --listen wins; peers still from the file
+    assert plain.clock_rates == {}  # no rates: half of --gossip-rate at each end
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"peers": "h:1"}, "--peers: give --peers or --topology, not both"),
+        ({"num_nodes": "5"}, "--num-nodes: the topology has 4 nodes"),
+        ({"id": "7"}, "--id: node id 7 must be below --num-nodes 4"),
+    ],
+)
+def test_topology_conflicts(tmp_path: Path, flags: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve({"id": "0", "topology": str(write_ring(tmp_path)), **flags}, {})
+
+
+def test_topology_errors(tmp_path: Path) -> None:
+    bare = write_ring(tmp_path, addresses=False)
+    with pytest.raises(ConfigError, match="neighbour 1 of node 0 has no address"):
+        resolve({"id": "0", "topology": str(bare), "listen": "h:1"}, {})
+    with pytest.raises(ConfigError, match="--rates: rates belong to a topology"):
+        resolve({**BASE, "rates": str(tmp_path / "r.json")}, {})
+    with pytest.raises(ConfigError, match="--topology: no such file"):
+        resolve({"id": "0", "topology": str(tmp_path / "nope.json")}, {})
+    (tmp_path / "r.json").write_text('{"edges": [[0, 2]], "rates": [1]}')
+    with pytest.raises(ConfigError, match=r"--rates: .* is for another graph"):
+        resolve(
+            {"id": "0", "topology": str(write_ring(tmp_path)), "rates": str(tmp_path / "r.json")},
+            {},
+        )

@@ -15,8 +15,6 @@ from gossipnode.graphs import generate
 from gossipnode.sim import SimOptions, simulate
 from gossipnode.topology import Topology, from_edges, load_rates
 
-pytestmark = pytest.mark.filterwarnings("ignore:Solution may be inaccurate:UserWarning")
-
 
 def barbell(n: int, *, with_a: bool = True) -> Topology:
     """K_n - K_n joined by the edge (n-1, n); "a" edges are those not at a bridge node."""
