@@ -89,15 +89,39 @@ def incidence(topology: Topology) -> np.ndarray:
     return b
 
 
+Ends = tuple[np.ndarray, np.ndarray]  # the first and second node of every edge, (m,) each
+
+
+def ends(topology: Topology) -> Ends:
+    pairs = np.array(topology.edges, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def laplacian(n: int, edges: Ends, weights: np.ndarray) -> np.ndarray:
+    """sum_e w_e b_e b_e^T, (n, n)."""
+    i, j = edges
+    lap = np.zeros((n, n))
+    np.add.at(lap, (i, i), weights)
+    np.add.at(lap, (j, j), weights)
+    np.add.at(lap, (i, j), -weights)
+    np.add.at(lap, (j, i), -weights)
+    return lap
+
+
+def edge_forms(edges: Ends, k: np.ndarray) -> np.ndarray:
+    """b_e^T K b_e for every edge e, (m,)."""
+    i, j = edges
+    return np.asarray(k[i, i] + k[j, j] - 2 * k[i, j])
+
+
 def figures(topology: Topology, weights: np.ndarray) -> Figures:
     """chi_1, chi_2 (over the edges) and communications of edge rates ``weights``."""
-    b = incidence(topology)
-    lap = (b * weights) @ b.T
-    eig, vec = np.linalg.eigh(lap)
+    edges = ends(topology)
+    eig, vec = np.linalg.eigh(laplacian(topology.n, edges, weights))
     if eig[1] <= 1e-12 * max(eig[-1], 1e-300):
         raise PlanError("the rates leave the graph disconnected (lambda_2 = 0)")
     pinv = (vec[:, 1:] / eig[1:]) @ vec[:, 1:].T
-    resistance = np.einsum("ie,ij,je->e", b, pinv, b)
+    resistance = edge_forms(edges, pinv)
     return Figures(1 / eig[1], float(resistance.max()) / 2, float(weights.sum()))
 
 
@@ -140,14 +164,22 @@ def plan(
     else:
         weights, directed, details = _first_order(topology, budget, constraint)
         used = None
+    planned = figures(topology, weights)
+    uniform = uniform_weights(topology, constraint, budget)
+    baseline = figures(topology, uniform)
+    if baseline.objective < planned.objective:
+        # Only a solver's inaccuracy can land above the uniform point, which is feasible.
+        details["worse_than_uniform"] = planned.objective
+        weights, planned = uniform, baseline
+        directed = np.column_stack([uniform, uniform]) / 2 if directed is not None else None
     return Plan(
         topology=topology,
         constraint=constraint,
         budget=budget,
         weights=weights,
         directed=directed,
-        figures=figures(topology, weights),
-        uniform=figures(topology, uniform_weights(topology, constraint, budget)),
+        figures=planned,
+        uniform=baseline,
         method=method,
         solver=used,
         seconds=time.perf_counter() - started,
@@ -258,38 +290,24 @@ class _Smoothed:
     tau: float = 0.05
 
     def __post_init__(self) -> None:
-        ends = np.array(self.topology.edges, dtype=np.int64).reshape(-1, 2)
-        self.i, self.j = ends[:, 0], ends[:, 1]
-
-    def laplacian(self, w: np.ndarray) -> np.ndarray:
-        n = self.topology.n
-        lap = np.zeros((n, n))
-        np.add.at(lap, (self.i, self.i), w)
-        np.add.at(lap, (self.j, self.j), w)
-        np.add.at(lap, (self.i, self.j), -w)
-        np.add.at(lap, (self.j, self.i), -w)
-        return lap
-
-    def quadratic(self, k: np.ndarray) -> np.ndarray:
-        """b_e^T K b_e for every edge e."""
-        return np.asarray(k[self.i, self.i] + k[self.j, self.j] - 2 * k[self.i, self.j])
+        self.n, self.edges = self.topology.n, ends(self.topology)
 
     def __call__(self, z: np.ndarray) -> tuple[float, np.ndarray]:
         x = np.exp(z - z.max())  # the scale is free: keep the numbers near 1
         w = self.to_edges @ x
-        eig, vec = np.linalg.eigh(self.laplacian(w))
+        eig, vec = np.linalg.eigh(laplacian(self.n, self.edges, w))
         if eig[1] <= 1e-12 * eig[-1]:
             return 1e10, np.zeros_like(z)  # disconnected: no finite objective here
         lam, v = eig[1:], vec[:, 1:]  # the non-zero part of the spectrum
         pinv = (v / lam) @ v.T
-        resistance = self.quadratic(pinv)
+        resistance = edge_forms(self.edges, pinv)
         load = self.loads @ x
         log_chi1, q = _smax(-np.log(lam), self.tau)
         log_chi2, p = _smax(np.log(resistance), self.tau)
         log_load, s = _smax(np.log(load), self.tau)
         # d log(1/lam_k)/dw_e = -(b_e.v_k)^2/lam_k; d log r_f/dw_e = -(b_f^T W^+ b_e)^2/r_f
-        k = (v * (q / lam)) @ v.T + pinv @ self.laplacian(p / resistance) @ pinv
-        d_x = self.to_edges.T @ -self.quadratic(k) + 2 * (self.loads.T @ (s / load))
+        k = (v * (q / lam)) @ v.T + pinv @ laplacian(self.n, self.edges, p / resistance) @ pinv
+        d_x = self.to_edges.T @ -edge_forms(self.edges, k) + 2 * (self.loads.T @ (s / load))
         return log_chi1 + log_chi2 + 2 * log_load, d_x * x
 
 
@@ -331,6 +349,8 @@ def report_lines(p: Plan) -> list[str]:
     how = f"{p.method}" + (f" with {p.solver}" if p.solver else "")
     if p.details.get("status") == "optimal_inaccurate":
         how += ", which reports the optimum as inaccurate"
+    if "worse_than_uniform" in p.details:
+        how += "; its answer was no better than uniform rates, which are kept"
     planned = p.figures.objective * p.figures.communications
     uniform = p.uniform.objective * p.uniform.communications
     return [

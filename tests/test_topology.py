@@ -133,3 +133,19 @@ def test_directed_rates_give_each_end_its_share(tmp_path: Path) -> None:
     )
     with pytest.raises(TopologyError, match=r"edge \(0, 1\): the directed rates do not add up"):
         topology.load_rates(path, from_edges(3, [(0, 1), (1, 2)]))
+
+
+TOPOLOGIES = sorted((Path(__file__).parent.parent / "topologies").glob("*.json"))
+
+
+def test_the_ready_topologies_are_there() -> None:
+    assert len(TOPOLOGIES) >= 24
+
+
+@pytest.mark.parametrize("path", TOPOLOGIES, ids=lambda p: p.name)
+def test_every_ready_topology_loads_with_its_planned_rates(path: Path) -> None:
+    topo = topology.load(path)  # validates: connected, no self-loops, no duplicates
+    assert set(topo.rates) == set(topo.edges)
+    assert sum(topo.rates.values()) == pytest.approx(len(topo.edges), rel=1e-6)
+    kind = path.stem.rsplit("-", 1)[0]
+    assert topo == generate(kind, topo.n, seed=0).with_rates(topo.rates)
