@@ -17,7 +17,6 @@ exchange was in flight.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -34,24 +33,34 @@ class Algorithm(Protocol):
         """Both ends of an exchange must run the same algorithm; peers compare names."""
         ...
 
+    @property
+    def signature(self) -> str:
+        """The parameters both ends must agree on ("" if none); compared at the handshake."""
+        ...
+
     def init(self, params: torch.Tensor) -> State:
         """The state for a node whose model starts at ``params`` (flat)."""
         ...
 
-    def params(self, state: State) -> torch.Tensor:
-        """The model parameters (flat) to compute gradients at and to evaluate."""
+    def params(self, state: State, now: float) -> torch.Tensor:
+        """The model parameters (flat) at time ``now``: to compute gradients at, to evaluate."""
         ...
 
     def apply_gradient(self, state: State, grad: torch.Tensor, now: float) -> State:
-        """A local step with the gradient of the loss, taken at ``params(state)``."""
+        """A local step with the gradient of the loss, taken at ``params(state, ...)``."""
         ...
 
     def payload(self, state: State, now: float) -> Payload:
         """What to send a neighbour."""
         ...
 
-    def mix(self, state: State, sent: Payload, received: Payload, now: float) -> State:
-        """Apply an exchange in which this node sent ``sent`` and got ``received``."""
+    def mix(self, state: State, sent: Payload, received: Payload, now: float, peer: int) -> State:
+        """Apply an exchange with neighbour ``peer`` in which this node sent ``sent`` and got
+        ``received``."""
+        ...
+
+    def reset_edge(self, state: State, peer: int, now: float) -> State:
+        """Neighbour ``peer`` restarted with fresh state: drop what the edge to it carries."""
         ...
 
 
@@ -60,12 +69,13 @@ class Gossip:
     """Local SGD plus pairwise gossip averaging of the parameters (asynchronous D-SGD)."""
 
     name: ClassVar[str] = "gossip"
+    signature: ClassVar[str] = ""
     lr: float
 
     def init(self, params: torch.Tensor) -> State:
         return {"x": params.clone()}
 
-    def params(self, state: State) -> torch.Tensor:
+    def params(self, state: State, now: float) -> torch.Tensor:
         return state["x"]
 
     def apply_gradient(self, state: State, grad: torch.Tensor, now: float) -> State:
@@ -74,7 +84,7 @@ class Gossip:
     def payload(self, state: State, now: float) -> Payload:
         return (state["x"],)
 
-    def mix(self, state: State, sent: Payload, received: Payload, now: float) -> State:
+    def mix(self, state: State, sent: Payload, received: Payload, now: float, peer: int) -> State:
         x, (own,), (other,) = state["x"], sent, received
         if x is own:  # unchanged since sent (state tensors are never written): the average
             return {"x": torch.lerp(x, other, 0.5, out=other)}
@@ -83,12 +93,5 @@ class Gossip:
         other.sub_(own)
         return {"x": torch.add(x, other, alpha=0.5, out=other)}
 
-
-ALGORITHMS: dict[str, Callable[..., Algorithm]] = {"gossip": Gossip}
-
-
-def make_algorithm(name: str, *, lr: float) -> Algorithm:
-    """The algorithm called ``name``. Raises ValueError naming the known ones."""
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](lr=lr)
+    def reset_edge(self, state: State, peer: int, now: float) -> State:
+        return state  # averaging keeps nothing per edge

@@ -53,7 +53,7 @@ def run(
     ] = None,
     rates: Annotated[str | None, Opt(help="Rates JSON for --topology (gossipnode plan).")] = None,
     task: Annotated[str | None, Opt(help="logreg, digits, or package.module:factory.")] = None,
-    algorithm: Annotated[str | None, Opt(help="Mixing rule: gossip.")] = None,
+    algorithm: Annotated[str | None, Opt(help="Mixing rule: gossip or dadao.")] = None,
     duration: Annotated[str | None, Opt(help="Seconds to run; 0 = until SIGTERM.")] = None,
     seed: Annotated[str | None, Opt(help="Run seed, the same on every node.")] = None,
     grad_rate: Annotated[
@@ -73,6 +73,17 @@ def run(
     torch_threads: Annotated[str | None, Opt(help="torch intra-op threads.")] = None,
     max_frame_mb: Annotated[str | None, Opt(help="Largest frame body accepted, in MiB.")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning or error.")] = None,
+    mu: Annotated[str | None, Opt(help="dadao: strong convexity (default: the task's).")] = None,
+    lipschitz: Annotated[
+        str | None, Opt("--L", help="dadao: smoothness (default: the task's).")
+    ] = None,
+    dadao_alpha: Annotated[
+        str | None, Opt(help="dadao: alpha as in the code or the paper.")
+    ] = None,
+    dadao_chi1: Annotated[
+        str | None, Opt(help="dadao: chi_1 in its time unit (default: from --topology).")
+    ] = None,
+    dadao_chi2: Annotated[str | None, Opt(help="dadao: chi_2 in its time unit.")] = None,
     json_output: Annotated[bool, Opt("--json", help="Print JSON lines, not text.")] = False,
     config_file: Annotated[Path | None, Opt("--config", help="TOML file of these options.")] = None,
 ) -> None:
@@ -82,8 +93,8 @@ def run(
     --config file (grad_rate = ...); flags beat the environment, which beats the file.
     """
     flags: dict[str, object] = dict(locals())  # the options, named as in config.OPTIONS
-    del flags["node_id"], flags["json_output"], flags["config_file"]
-    flags |= {"id": node_id, "json": True if json_output else None}
+    del flags["node_id"], flags["json_output"], flags["config_file"], flags["lipschitz"]
+    flags |= {"id": node_id, "json": True if json_output else None, "L": lipschitz}
 
     from gossipnode.config import ConfigError, resolve
 
@@ -129,20 +140,30 @@ def simulate(
     topology: Annotated[Path | None, Opt(help="Topology JSON file.")] = None,
     graph: Annotated[
         str | None,
-        Opt(help="Or a graph: ring:16, path:8, star:10, complete:5, grid:4x4, torus:4x4."),
+        Opt(help="Or a graph family and size: ring:16, torus:4x4, random-geometric:64, ..."),
     ] = None,
     rates: Annotated[Path | None, Opt(help="Per-edge rates JSON (from gossipnode plan).")] = None,
     scenario: Annotated[Path | None, Opt(help="TOML: network, compute speeds, faults.")] = None,
-    task: Annotated[str, Opt(help="logreg, digits, or package.module:factory.")] = "logreg",
-    algorithm: Annotated[str, Opt(help="Mixing rule: gossip.")] = "gossip",
+    task: Annotated[
+        str,
+        Opt(
+            help="logreg, linreg, digits, or package.module:factory; options as linreg(kappa=200)."
+        ),
+    ] = "logreg",
+    algorithm: Annotated[str, Opt(help="Mixing rule: gossip or dadao.")] = "gossip",
     duration: Annotated[str, Opt(help="Virtual seconds to simulate.")] = "100",
     seed: Annotated[str, Opt(help="Run seed: the same seed gives the same trace.")] = "0",
     grad_rate: Annotated[str, Opt(help="Gradient steps/s per node; 'max' = back to back.")] = "1",
     gossip_rate: Annotated[str, Opt(help="Exchanges/s of an edge without a planned rate.")] = "1",
-    lr: Annotated[str, Opt(help="Learning rate.")] = "0.05",
+    lr: Annotated[str, Opt(help="Learning rate (gossip).")] = "0.05",
     batch_size: Annotated[str, Opt(help="Minibatch size; 0 = all local data.")] = "32",
     init: Annotated[str, Opt(help="independent or shared model init.")] = "independent",
     exchange_timeout: Annotated[str, Opt(help="Virtual seconds before an exchange fails.")] = "2",
+    mu: Annotated[str | None, Opt(help="dadao: strong convexity (default: the task's).")] = None,
+    lipschitz: Annotated[
+        str | None, Opt("--L", help="dadao: smoothness (default: the task's).")
+    ] = None,
+    dadao_alpha: Annotated[str, Opt(help="dadao: alpha as in the code or the paper.")] = "code",
     sample_every: Annotated[
         str | None, Opt(help="Virtual seconds between metric samples (default duration/50).")
     ] = None,
@@ -150,26 +171,11 @@ def simulate(
     quiet: Annotated[bool, Opt("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Simulate a cluster of real nodes in deterministic virtual time."""
+    raw: dict[str, Any] = dict(locals())  # the options, by name
     from gossipnode.config import ConfigError
 
     try:
-        options = _sim_options(
-            topology,
-            graph,
-            rates,
-            scenario,
-            task,
-            algorithm,
-            duration,
-            seed,
-            grad_rate,
-            gossip_rate,
-            lr,
-            batch_size,
-            init,
-            exchange_timeout,
-            sample_every,
-        )
+        options = _sim_options(raw)
         summary = _run_simulation(options, out, quiet)
     except ConfigError as exc:
         fail(str(exc))
@@ -315,72 +321,70 @@ async def _run_daemon(config: Any, emit: Any) -> None:
     await run_daemon(config, emit)
 
 
-def _sim_options(
-    topology: Path | None,
-    graph: str | None,
-    rates: Path | None,
-    scenario: Path | None,
-    task: str,
-    algorithm: str,
-    duration: str,
-    seed: str,
-    grad_rate: str,
-    gossip_rate: str,
-    lr: str,
-    batch_size: str,
-    init: str,
-    exchange_timeout: str,
-    sample_every: str | None,
-) -> Any:
+def _sim_options(raw: dict[str, Any]) -> Any:
     """Validated simulation options; raises ConfigError naming the flag at fault."""
     from gossipnode import scenario as scenarios
     from gossipnode import topology as topologies
-    from gossipnode.algorithms import ALGORITHMS
     from gossipnode.config import ConfigError, parse_flag
+    from gossipnode.factory import ALGORITHMS
     from gossipnode.graphs import from_spec
     from gossipnode.sim import SimOptions
     from gossipnode.tasks import TaskError, find_factory
 
-    if (topology is None) == (graph is None):
+    seed = parse_flag("seed", raw["seed"])
+    if (raw["topology"] is None) == (raw["graph"] is None):
         raise ConfigError("give one of --topology FILE or --graph KIND:SIZE")
     try:
-        topo = topologies.load(topology) if topology else from_spec(str(graph), int(seed))
+        topo = (
+            topologies.load(raw["topology"]) if raw["topology"] else from_spec(raw["graph"], seed)
+        )
     except topologies.TopologyError as exc:
-        raise ConfigError(f"{'--topology' if topology else '--graph'}: {exc}") from None
-    if rates is not None:
+        raise ConfigError(f"{'--topology' if raw['topology'] else '--graph'}: {exc}") from None
+    if raw["rates"] is not None:
         try:
-            topo = topologies.load_rates(rates, topo)
+            topo = topologies.load_rates(raw["rates"], topo)
         except topologies.TopologyError as exc:
             raise ConfigError(f"--rates: {exc}") from None
     try:
-        plan = scenarios.load(scenario, topo.n) if scenario else scenarios.Scenario()
+        plan = scenarios.load(raw["scenario"], topo.n) if raw["scenario"] else scenarios.Scenario()
     except scenarios.ScenarioError as exc:
         raise ConfigError(f"--scenario: {exc}") from None
     try:
-        find_factory(task)
+        find_factory(raw["task"])
     except TaskError as exc:
         raise ConfigError(f"--task: {exc}") from None
-    if algorithm not in ALGORITHMS:
+    except ValueError as exc:  # the algorithm cannot run with these options
+        raise ConfigError(str(exc)) from None
+    if raw["algorithm"] not in ALGORITHMS:
         raise ConfigError(
-            f"--algorithm: unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}"
+            f"--algorithm: unknown algorithm {raw['algorithm']!r}; known: {', '.join(ALGORITHMS)}"
         )
-    steps = parse_flag("grad_rate", grad_rate)
+    steps = parse_flag("grad_rate", raw["grad_rate"])
     if steps is None and (plan.step_time == 0 or 0 in plan.step_times.values()):
         raise ConfigError("--grad-rate max: every node needs a step time > 0 ([compute])")
+    optional = {
+        name: parse_flag(flag, raw[name])
+        for name, flag in (("mu", "mu"), ("lipschitz", "L"))
+        if raw[name] is not None
+    }
     return SimOptions(
         topology=topo,
-        task=task,
-        algorithm=algorithm,
-        duration=_positive("--duration", duration),
-        seed=parse_flag("seed", seed),
+        task=raw["task"],
+        algorithm=raw["algorithm"],
+        duration=_positive("--duration", raw["duration"]),
+        seed=seed,
         grad_rate=steps,
-        gossip_rate=parse_flag("gossip_rate", gossip_rate),
-        lr=parse_flag("lr", lr),
-        batch_size=parse_flag("batch_size", batch_size),
-        init=parse_flag("init", init),
-        exchange_timeout=parse_flag("exchange_timeout", exchange_timeout),
-        sample_every=_positive("--sample-every", sample_every) if sample_every else None,
+        gossip_rate=parse_flag("gossip_rate", raw["gossip_rate"]),
+        lr=parse_flag("lr", raw["lr"]),
+        batch_size=parse_flag("batch_size", raw["batch_size"]),
+        init=parse_flag("init", raw["init"]),
+        exchange_timeout=parse_flag("exchange_timeout", raw["exchange_timeout"]),
+        dadao_alpha=parse_flag("dadao_alpha", raw["dadao_alpha"]),
+        sample_every=_positive("--sample-every", raw["sample_every"])
+        if raw["sample_every"]
+        else None,
         scenario=plan,
+        **optional,
     )
 
 
@@ -417,6 +421,8 @@ def _run_simulation(options: Any, out: Path | None, quiet: bool) -> Any:
             return simulate(options, out, progress=lambda t: bar.update(task, completed=t))
     except TaskError as exc:
         raise ConfigError(f"--task: {exc}") from None
+    except ValueError as exc:  # the algorithm cannot run with these options
+        raise ConfigError(str(exc)) from None
 
 
 def _run_async(fn: Any, *args: Any, **kwargs: Any) -> Any:

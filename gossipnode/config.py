@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gossipnode import topology
+from gossipnode.topology import Topology
 from gossipnode.transport import Address
 from gossipnode.wire import Limits
 
@@ -50,6 +51,12 @@ class NodeConfig:
     json: bool = False
     topology: Path | None = None  # a topology file: peers, addresses, per-edge rates
     rates: Path | None = None  # a rates file for that topology (from gossipnode plan)
+    mu: float | None = None  # strong convexity (dadao); default: the task's
+    lipschitz: float | None = None  # smoothness L (dadao); default: the task's
+    dadao_alpha: str = "code"
+    dadao_chi1: float | None = None  # of the rate Laplacian in DADAO time units; default:
+    dadao_chi2: float | None = None  # computed from --topology
+    graph: Topology | None = None  # the --topology file, loaded
     # Exchanges per second this node initiates towards each peer (from a topology's rates);
     # a peer not listed gets half of gossip_rate, the other end initiating the other half.
     clock_rates: Mapping[Address, float] = field(default_factory=dict)
@@ -185,6 +192,11 @@ OPTIONS = {
         Option("json", "json", _bool),
         Option("topology", "topology", _path),
         Option("rates", "rates", _path),
+        Option("mu", "mu", _float(allow_zero=False)),
+        Option("lipschitz", "L", _float(allow_zero=False)),
+        Option("dadao_alpha", "dadao_alpha", _choice("code", "paper")),
+        Option("dadao_chi1", "dadao_chi1", _float(allow_zero=False)),
+        Option("dadao_chi2", "dadao_chi2", _float(allow_zero=False)),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")
@@ -280,6 +292,7 @@ def _from_topology(values: dict[str, Any], sources: dict[str, str]) -> None:
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     values["peers"] = tuple(rates)
+    values["graph"] = topo
     values["clock_rates"] = {a: r for a, r in rates.items() if not math.isnan(r)}
 
 
@@ -289,6 +302,10 @@ def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{source['node_id']}: node id {config.node_id} must be below "
             f"--num-nodes {config.num_nodes} (ids are 0..{config.num_nodes - 1})"
+        )
+    if config.mu is not None and config.lipschitz is not None and config.lipschitz < config.mu:
+        raise ConfigError(
+            f"{source['lipschitz']}: L ({config.lipschitz}) must be >= mu ({config.mu})"
         )
     if config.listen in config.peers:
         raise ConfigError(f"{source['peers']}: lists this node's own address {config.listen}")

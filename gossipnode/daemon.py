@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 import trio
 
-from gossipnode.algorithms import make_algorithm
 from gossipnode.config import ConfigError, NodeConfig
+from gossipnode.factory import make_algorithm
 from gossipnode.node import Emit, Node
 from gossipnode.tasks import TaskError, load_task
 from gossipnode.transport import TcpTransport, TransportError
@@ -38,11 +39,19 @@ def build_node(config: NodeConfig, emit: Emit) -> Node:
     except TaskError as exc:
         raise ConfigError(f"--task: {exc}") from None
     try:
-        algorithm = make_algorithm(config.algorithm, lr=config.lr)
+        algorithm = make_algorithm(config, task)
     except ValueError as exc:
-        raise ConfigError(f"--algorithm: {exc}") from None
+        raise ConfigError(str(exc)) from None
     transport = TcpTransport(connect_timeout=config.exchange_timeout)
-    return Node(config, transport=transport, task=task, algorithm=algorithm, emit=emit)
+    # A fresh incarnation at every start: neighbours see a restart and reset their edge.
+    return Node(
+        config,
+        transport=transport,
+        task=task,
+        algorithm=algorithm,
+        emit=emit,
+        incarnation=secrets.randbits(62),
+    )
 
 
 async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:

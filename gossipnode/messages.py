@@ -3,7 +3,8 @@
 A conversation on one connection::
 
     dialer                               listener
-    Hello(node_id, task, payload_spec) ->
+    Hello(node_id, session, task,      ->
+          signature, payload_spec)
                                       <- Hello(...)            (or Error, then close)
     Exchange(exchange_id, payload)     ->
                                       <- Reply(exchange_id, payload) | Busy(exchange_id, reason)
@@ -43,7 +44,9 @@ class TensorSpec:
 @dataclass(frozen=True, slots=True)
 class Hello:
     node_id: int
+    session: int  # random per process start: a new one means the peer restarted, state fresh
     task: str
+    signature: str  # the algorithm's parameters that both ends must share
     payload_spec: tuple[TensorSpec, ...]
 
 
@@ -78,9 +81,16 @@ Message = Hello | Exchange | Reply | Busy | Error
 def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
     """The message-specific header fields (type included) and the tensors of ``msg``."""
     match msg:
-        case Hello(node_id, task, spec):
+        case Hello(node_id, session, task, signature, spec):
             table = [[DTYPE_NAMES[s.dtype], list(s.shape)] for s in spec]
-            return {"type": "hello", "node_id": node_id, "task": task, "payload_spec": table}, ()
+            fields = {
+                "node_id": node_id,
+                "session": session,
+                "task": task,
+                "signature": signature,
+                "payload_spec": table,
+            }
+            return {"type": "hello", **fields}, ()
         case Exchange(exchange_id, payload):
             return {"type": "exchange", "exchange_id": exchange_id}, payload
         case Reply(exchange_id, payload):
@@ -96,7 +106,13 @@ def from_frame(frame: Frame) -> Message:
     h = frame.header
     match frame.type:
         case "hello":
-            return Hello(_int(h, "node_id"), _str(h, "task"), _spec(h.get("payload_spec")))
+            return Hello(
+                _int(h, "node_id"),
+                _int(h, "session"),
+                _str(h, "task"),
+                _str(h, "signature"),
+                _spec(h.get("payload_spec")),
+            )
         case "exchange":
             return Exchange(_int(h, "exchange_id"), frame.tensors)
         case "reply":

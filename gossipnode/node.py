@@ -19,8 +19,10 @@ An exchange: the initiator sends its payload with a fresh exchange id; the respo
 ``mix(own, received)`` and replies with its own payload; the initiator applies on the reply.
 If the reply never comes the initiator keeps the exchange pending and repeats it, same id and
 payload, on the next tick of that edge; the responder answers a repeat from its reply cache
-without applying twice. So a lost reply heals into a late but two-sided update, and only an
-exchange abandoned after ``MAX_ATTEMPTS`` can be one-sided (and is counted).
+without applying twice. So a lost reply heals into a late but two-sided update. Only a
+restart can leave an exchange applied at one end: every Hello carries the sender's session
+(new at each start), and a node that sees a neighbour's session change drops what is pending
+with it and asks the algorithm to reset that edge (DADAO takes back the edge's share of z).
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ from gossipnode.wire import BufferPool, Payload, ProtocolError
 
 log = logging.getLogger("gossipnode.node")
 
-MAX_ATTEMPTS = 3  # tries of one exchange before it is abandoned as possibly one-sided
 T = TypeVar("T")
 Emit = Callable[[str, dict[str, Any]], None]
 
@@ -139,6 +140,8 @@ class Node:
         self._t0 = 0.0
         self._cancel = trio.CancelScope()
         self._adversary_rng = self._rng("adversary")
+        self.session = self._rng("session").getrandbits(63)
+        self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -178,7 +181,7 @@ class Node:
     async def summary(self) -> dict[str, Any]:
         metrics = {}
         if self.evaluate_at_end:
-            params = self.algorithm.params(self.state)
+            params = self.algorithm.params(self.state, self.now())
             metrics = await self._offload(self.learner.evaluate, params)
         return {
             "node": self.config.node_id,
@@ -189,7 +192,7 @@ class Node:
 
     def params(self) -> torch.Tensor:
         """A copy of the current model parameters (flat)."""
-        return self.algorithm.params(self.state).detach().clone()
+        return self.algorithm.params(self.state, self.now()).detach().clone()
 
     # ------------------------------------------------------------------ compute
 
@@ -207,7 +210,9 @@ class Node:
             await self._gradient_step()
 
     async def _gradient_step(self) -> None:
-        snapshot = self.algorithm.params(self.state)  # never written to: safe in a thread
+        snapshot = self.algorithm.params(
+            self.state, self.now()
+        )  # never written to: safe in a thread
         mixes_before = self._mixes
         if self.step_time:
             await trio.sleep(self.step_time)  # what the step costs, in virtual time
@@ -278,7 +283,10 @@ class Node:
         match reply:
             case Reply(exchange_id, payload) if exchange_id == pending.exchange_id:
                 check_payload(payload, self.spec)
-                self.state = self.algorithm.mix(self.state, pending.sent, payload, self.now())
+                assert peer.node_id is not None  # known since the handshake
+                self.state = self.algorithm.mix(
+                    self.state, pending.sent, payload, self.now(), peer.node_id
+                )
                 self._mixes += 1
                 peer.pending = None
                 return Outcome.RECONCILED if pending.attempts else Outcome.OK
@@ -297,21 +305,10 @@ class Node:
             reason,
         )
         await self._disconnect(peer)
-        pending = peer.pending
-        if pending is not None:
-            if pending.attempts + 1 >= MAX_ATTEMPTS:
-                log.warning(
-                    "node %d: gave up exchange %x with %s after %d attempts; the peer "
-                    "may have applied it alone",
-                    self.config.node_id,
-                    pending.exchange_id,
-                    peer.address,
-                    MAX_ATTEMPTS,
-                )
-                peer.pending = None
-                self.stats.count(Outcome.ONE_SIDED)
-            else:
-                peer.pending = Pending(pending.exchange_id, pending.sent, pending.attempts + 1)
+        if peer.pending is not None:  # repeated on the next tick, until the peer answers
+            peer.pending = Pending(
+                peer.pending.exchange_id, peer.pending.sent, peer.pending.attempts + 1
+            )
         return outcome
 
     async def _connection(self, peer: Peer) -> Connection | None:
@@ -411,7 +408,7 @@ class Node:
             # Applied exactly once, delivered or not: if the reply is lost, the initiator's
             # retry is answered from the cache. (The pair, not the state, is what is mixed,
             # so whatever changed during the send is kept.)
-            self.state = self.algorithm.mix(self.state, reply, request.payload, self.now())
+            self.state = self.algorithm.mix(self.state, reply, request.payload, self.now(), peer_id)
             self._mixes += 1
             self.stats.count(Outcome.SERVED)
 
@@ -433,7 +430,27 @@ class Node:
         return self.adversary(payload, self._adversary_rng)
 
     def _hello(self) -> Hello:
-        return Hello(self.config.node_id, self.task.name, self.spec)
+        return Hello(
+            self.config.node_id, self.session, self.task.name, self.algorithm.signature, self.spec
+        )
+
+    def _meet(self, hello: Hello) -> None:
+        """Note a peer's session; if it restarted, forget what our edge to it carried."""
+        known = self._sessions.get(hello.node_id)
+        self._sessions[hello.node_id] = hello.session
+        if known is None or known == hello.session:
+            return
+        log.warning(
+            "node %d: node %d restarted; resetting the edge to it",
+            self.config.node_id,
+            hello.node_id,
+        )
+        self.state = self.algorithm.reset_edge(self.state, hello.node_id, self.now())
+        self._replies.pop(hello.node_id, None)
+        for peer in self.peers:
+            if peer.node_id == hello.node_id and peer.pending is not None:
+                peer.pending = None  # for the old session: it may have applied it, now undone
+                self.stats.count(Outcome.ONE_SIDED)
 
     def _check_hello(self, msg: Message) -> Hello:
         if not isinstance(msg, Hello):
@@ -444,10 +461,16 @@ class Node:
             raise ProtocolError(
                 f"peer trains task {msg.task!r}; this node trains {self.task.name!r}"
             )
+        if msg.signature != self.algorithm.signature:
+            raise ProtocolError(
+                f"peer runs {self.algorithm.name} with {msg.signature or 'no parameters'}; "
+                f"this node with {self.algorithm.signature or 'no parameters'}"
+            )
         if msg.payload_spec != self.spec:
             theirs = ", ".join(map(str, msg.payload_spec))
             ours = ", ".join(map(str, self.spec))
             raise ProtocolError(f"peer's payload is {theirs}; this node's is {ours}")
+        self._meet(msg)
         return msg
 
     def _connection_for(self, stream: Stream) -> Connection:
@@ -468,7 +491,9 @@ class Node:
         last, t_last = self.stats.snapshot(), self.now()
         while True:
             await trio.sleep(self.config.progress_every)
-            metrics = await self._offload(self.learner.evaluate, self.algorithm.params(self.state))
+            metrics = await self._offload(
+                self.learner.evaluate, self.algorithm.params(self.state, self.now())
+            )
             snap, t = self.stats.snapshot(), self.now()
             dt = max(t - t_last, 1e-9)
             moved = snap["bytes_sent"] + snap["bytes_received"]

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse
 
-from gossipnode.topology import Topology
+from gossipnode.topology import Topology, chis, edge_forms, ends, laplacian
 
 CONSTRAINTS = ("global", "per-node", "per-node-bandwidth")
 SDP_MAX_NODES = 64  # above this, "auto" uses the first-order method (see BENCHMARKS.md)
@@ -89,40 +89,13 @@ def incidence(topology: Topology) -> np.ndarray:
     return b
 
 
-Ends = tuple[np.ndarray, np.ndarray]  # the first and second node of every edge, (m,) each
-
-
-def ends(topology: Topology) -> Ends:
-    pairs = np.array(topology.edges, dtype=np.int64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def laplacian(n: int, edges: Ends, weights: np.ndarray) -> np.ndarray:
-    """sum_e w_e b_e b_e^T, (n, n)."""
-    i, j = edges
-    lap = np.zeros((n, n))
-    np.add.at(lap, (i, i), weights)
-    np.add.at(lap, (j, j), weights)
-    np.add.at(lap, (i, j), -weights)
-    np.add.at(lap, (j, i), -weights)
-    return lap
-
-
-def edge_forms(edges: Ends, k: np.ndarray) -> np.ndarray:
-    """b_e^T K b_e for every edge e, (m,)."""
-    i, j = edges
-    return np.asarray(k[i, i] + k[j, j] - 2 * k[i, j])
-
-
 def figures(topology: Topology, weights: np.ndarray) -> Figures:
     """chi_1, chi_2 (over the edges) and communications of edge rates ``weights``."""
-    edges = ends(topology)
-    eig, vec = np.linalg.eigh(laplacian(topology.n, edges, weights))
-    if eig[1] <= 1e-12 * max(eig[-1], 1e-300):
-        raise PlanError("the rates leave the graph disconnected (lambda_2 = 0)")
-    pinv = (vec[:, 1:] / eig[1:]) @ vec[:, 1:].T
-    resistance = edge_forms(edges, pinv)
-    return Figures(1 / eig[1], float(resistance.max()) / 2, float(weights.sum()))
+    try:
+        chi1, chi2 = chis(topology.n, ends(topology), weights)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    return Figures(chi1, chi2, float(weights.sum()))
 
 
 def uniform_weights(topology: Topology, constraint: str, budget: float) -> np.ndarray:

@@ -29,9 +29,9 @@ import torch
 import trio
 import trio.testing
 
-from gossipnode.algorithms import make_algorithm
 from gossipnode.byzantine import BEHAVIOURS
 from gossipnode.config import NodeConfig
+from gossipnode.factory import make_algorithm
 from gossipnode.learner import consensus_distance
 from gossipnode.netmodel import NetModel, Partition
 from gossipnode.node import Node
@@ -62,6 +62,9 @@ class SimOptions:
     batch_size: int = 32
     init: str = "independent"
     exchange_timeout: float = 2.0
+    mu: float | None = None  # dadao: default the task's
+    lipschitz: float | None = None
+    dadao_alpha: str = "code"
     sample_every: float | None = None  # virtual seconds; default duration / 50
     sample_nodes: int | None = None  # nodes whose metrics each sample has; default up to 100
     scenario: Scenario = field(default_factory=Scenario)
@@ -103,6 +106,7 @@ class Simulation:
         self._on_sample = on_sample
         self._progress = progress
         self._byzantine = {b.node: b.behaviour for b in options.scenario.byzantine}
+        self.algorithm = make_algorithm(self._config(0), self.task)  # ValueError if unusable
         self._sampled = options.sampled()
 
     async def run(self) -> dict[str, Any]:
@@ -127,10 +131,10 @@ class Simulation:
 
     # ------------------------------------------------------------------ nodes
 
-    def _make(self, i: int, incarnation: int) -> Node:
+    def _config(self, i: int) -> NodeConfig:
         opts = self.options
         neighbours = opts.topology.neighbours(i)
-        config = NodeConfig(
+        return NodeConfig(
             node_id=i,
             num_nodes=self.n,
             listen=address(i),
@@ -148,15 +152,22 @@ class Simulation:
             clock_rates={
                 address(j): opts.topology.clock_rate(i, j, opts.gossip_rate) for j in neighbours
             },
+            mu=opts.mu,
+            lipschitz=opts.lipschitz,
+            dadao_alpha=opts.dadao_alpha,
+            graph=opts.topology,
         )
+
+    def _make(self, i: int, incarnation: int) -> Node:
+        config = self._config(i)
         behaviour = self._byzantine.get(i)
         node = Node(
             config,
             transport=self.network.endpoint(address(i)),
             task=self.task,
-            algorithm=make_algorithm(opts.algorithm, lr=opts.lr),
+            algorithm=self.algorithm,
             threaded=False,
-            step_time=opts.scenario.step_time_of(i),
+            step_time=self.options.scenario.step_time_of(i),
             trace=self._event,
             adversary=BEHAVIOURS[behaviour] if behaviour else None,
             incarnation=incarnation,
@@ -235,13 +246,12 @@ class Simulation:
 
     def _sample(self) -> dict[str, Any]:
         live = [(i, node) for i, node in enumerate(self.nodes) if node is not None]
-        params = [node.algorithm.params(node.state) for _, node in live]
+        params = [node.params() for _, node in live]
         evaluated = [(i, node) for i, node in live if i in self._sampled]
-        metrics = self._evaluate(
-            evaluated, [node.algorithm.params(node.state) for _, node in evaluated]
-        )
+        metrics = self._evaluate(evaluated, [node.params() for _, node in evaluated])
         sample: dict[str, Any] = {
             "consensus_distance": consensus_distance(params) if params else None,
+            **self._invariants(live),
             "live": len(live),
             **self._totals(),
             "mean": {
@@ -254,6 +264,19 @@ class Simulation:
         if self._on_sample is not None:
             self._on_sample(self, sample)
         return sample
+
+    def _invariants(self, live: list[tuple[int, Node]]) -> dict[str, float]:
+        """How far the sums an algorithm conserves (DADAO's z, z~) are from 0, relative to
+        the sum of the norms: |sum_i v_i| / sum_i |v_i|."""
+        if not live or not hasattr(self.algorithm, "invariants"):
+            return {}
+        per_node = [self.algorithm.invariants(node.state, node.now()) for _, node in live]
+        drift = {}
+        for key in per_node[0]:
+            vectors = torch.stack([v[key] for v in per_node])  # (n, d)
+            scale = float(vectors.norm(dim=1).sum())
+            drift[f"sum_{key}"] = float(vectors.sum(0).norm()) / scale if scale else 0.0
+        return drift
 
     def _evaluate(
         self, live: list[tuple[int, Node]], params: list[torch.Tensor]

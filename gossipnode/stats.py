@@ -21,7 +21,9 @@ class Outcome(StrEnum):
     REFUSED = "refused"  # the peer answered Busy: neither end applied
     FAILED = "failed"  # the connection broke or the peer broke the protocol mid-exchange
     TIMED_OUT = "timed_out"  # no reply within --exchange-timeout
-    ONE_SIDED = "one_sided"  # gave up on an unconfirmed exchange the peer may have applied alone
+    # Unconfirmed when the peer restarted: the old peer may have applied it alone, which the
+    # reset of the edge then undoes.
+    ONE_SIDED = "one_sided"
     REJECTED = "rejected"  # dropped an inbound connection for bad input
 
 

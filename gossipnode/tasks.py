@@ -12,10 +12,11 @@ non-IID Dirichlet split). A user task is given as ``package.module:factory``.
 from __future__ import annotations
 
 import importlib
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -173,6 +174,71 @@ def _lambda_max(a: torch.Tensor) -> float:
     return float(torch.linalg.eigvalsh(a.T @ a)[-1])
 
 
+# ---------------------------------------------------------------------------- linreg
+
+
+class LinReg:
+    """Decentralised linear regression as in DADAO's experiments (dadao.md section 4).
+
+    Node i has m points from scikit-learn's make_regression (d features, noise 10), targets
+    scaled by a per-node factor drawn from U(0.01, 5); f_i(x) = mean_k (a_k.x - c_k)^2.
+    ``kappa`` > 1 squeezes the last feature by 1/sqrt(kappa), so that L/mu is about kappa.
+    mu and L are the extreme eigenvalues of the local Hessians (2/m) A_i^T A_i, and x* the
+    least-squares solution of the stacked data (every node has m points).
+    """
+
+    name = "linreg"
+
+    def __init__(
+        self, *, seed: int, num_nodes: int, d: int = 2, m: int = 100, kappa: float = 1.0
+    ) -> None:
+        from sklearn.datasets import make_regression  # heavy import, only for this task
+
+        rng = np.random.default_rng(_seed("linreg", seed))
+        squeeze = np.ones(d)
+        squeeze[-1] = 1 / math.sqrt(kappa)
+        self._shards = []
+        for _ in range(num_nodes):
+            a, c = make_regression(
+                n_samples=m, n_features=d, noise=10.0, random_state=int(rng.integers(2**31))
+            )
+            c = c * rng.uniform(0.01, 5)
+            self._shards.append(Dataset(torch.tensor(a * squeeze), torch.tensor(c)))
+        hessians = [2 * s.x.T @ s.x / m for s in self._shards]
+        self.mu = min(float(torch.linalg.eigvalsh(h)[0]) for h in hessians)
+        self.L = max(float(torch.linalg.eigvalsh(h)[-1]) for h in hessians)
+        a_all = torch.cat([s.x for s in self._shards])
+        c_all = torch.cat([s.y for s in self._shards])
+        self.optimum = torch.linalg.lstsq(a_all, c_all[:, None]).solution[:, 0]
+        self._scale = float(self.optimum.dot(self.optimum))
+
+    def make_model(self, seed: int) -> nn.Module:
+        model = nn.Linear(self._shards[0].x.shape[1], 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(_seed("linreg-init", seed))
+            model.weight.copy_(torch.randn(model.weight.shape, generator=gen, dtype=torch.float64))
+        return model
+
+    def shard(self, node: int) -> Dataset:
+        return self._shards[node]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        residual: torch.Tensor = model(x).squeeze(-1) - y
+        return residual.pow(2).mean()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        return self.evaluate_batch(next(model.parameters()).detach().reshape(1, -1))[0]
+
+    def evaluate_batch(self, w: torch.Tensor) -> list[dict[str, float]]:
+        """Relative squared error |x - x*|^2 / |x*|^2 of each row of w, and the mean loss."""
+        w = w.to(torch.float64)
+        error = (w - self.optimum).pow(2).sum(1) / self._scale  # (k,)
+        loss = torch.stack([(s.x @ w.T - s.y[:, None]).pow(2).mean(0) for s in self._shards])
+        return [
+            {"error": float(e), "loss": float(v)} for e, v in zip(error, loss.mean(0), strict=True)
+        ]
+
+
 # ---------------------------------------------------------------------------- digits
 
 
@@ -244,11 +310,37 @@ def dirichlet_split(
 
 # ---------------------------------------------------------------------------- loading
 
-BUILTIN: dict[str, TaskFactory] = {"logreg": LogReg, "digits": Digits}
+BUILTIN: dict[str, TaskFactory] = {"logreg": LogReg, "linreg": LinReg, "digits": Digits}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name(key=value, ...)`` -> (name, options); values become int, float or str."""
+    name, paren, rest = spec.partition("(")
+    if not paren:
+        return spec, {}
+    if not rest.endswith(")"):
+        raise TaskError(f"task {spec!r}: options go in parentheses, e.g. linreg(d=5,kappa=200)")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise TaskError(f"task {spec!r}: {item!r} is not key=value")
+        options[key.strip()] = _number(value.strip())
+    return name.strip(), options
+
+
+def _number(text: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def find_factory(spec: str) -> TaskFactory:
     """The factory for a built-in task name or for ``package.module:factory``."""
+    spec = parse_spec(spec)[0]
     if spec in BUILTIN:
         return BUILTIN[spec]
     module_name, sep, attr = spec.partition(":")
@@ -267,9 +359,11 @@ def find_factory(spec: str) -> TaskFactory:
 
 
 def load_task(spec: str, *, seed: int, num_nodes: int) -> Task:
+    """Build the task ``spec`` names: ``name``, ``package.module:factory``, either with
+    ``(key=value, ...)`` options for the factory."""
     factory = find_factory(spec)
     try:
-        task = factory(seed=seed, num_nodes=num_nodes)
+        task = factory(seed=seed, num_nodes=num_nodes, **parse_spec(spec)[1])
     except Exception as exc:
         raise TaskError(f"task {spec!r} failed to build: {type(exc).__name__}: {exc}") from exc
     for method in ("make_model", "shard", "loss", "evaluate"):

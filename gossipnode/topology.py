@@ -67,20 +67,22 @@ class Topology:
     ) -> Topology:
         return Topology(self.n, self.edges, rates, self.addresses, directed or {})
 
+    def rate_vector(self, default_rate: float) -> np.ndarray:
+        """Every edge's rate, in the order of ``edges``, (m,)."""
+        return np.array([self.rate(i, j, default_rate) for i, j in self.edges], dtype=float)
+
     def laplacian(self, default_rate: float = 1.0) -> np.ndarray:
         """The rate Laplacian sum_e rate_e (e_i - e_j)(e_i - e_j)^T, (n, n)."""
-        lap = np.zeros((self.n, self.n))
-        for i, j in self.edges:
-            r = self.rate(i, j, default_rate)
-            lap[i, i] += r
-            lap[j, j] += r
-            lap[i, j] -= r
-            lap[j, i] -= r
-        return lap
+        return laplacian(self.n, ends(self), self.rate_vector(default_rate))
 
     def spectral_gap(self, default_rate: float = 1.0) -> float:
         """lambda_2 of the rate Laplacian: how fast gossip averaging mixes."""
         return float(np.linalg.eigvalsh(self.laplacian(default_rate))[1]) if self.n > 1 else 0.0
+
+    def chis(self, default_rate: float = 1.0) -> tuple[float, float]:
+        """chi_1 = 1/lambda_2 and chi_2 (half the largest effective resistance over the
+        edges) of the rate Laplacian, in the rates' time unit."""
+        return chis(self.n, ends(self), self.rate_vector(default_rate))
 
     def to_json(self) -> dict[str, Any]:
         nodes = [
@@ -93,6 +95,40 @@ class Topology:
         if self.directed:
             data["directed"] = [list(self.directed[e]) for e in self.edges]
         return data
+
+
+Ends = tuple[np.ndarray, np.ndarray]  # the first and second node of every edge, (m,) each
+
+
+def ends(topology: Topology) -> Ends:
+    pairs = np.array(topology.edges, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
+
+
+def laplacian(n: int, edges: Ends, weights: np.ndarray) -> np.ndarray:
+    """sum_e w_e b_e b_e^T, (n, n), b_e = e_i - e_j."""
+    i, j = edges
+    lap = np.zeros((n, n))
+    np.add.at(lap, (i, i), weights)
+    np.add.at(lap, (j, j), weights)
+    np.add.at(lap, (i, j), -weights)
+    np.add.at(lap, (j, i), -weights)
+    return lap
+
+
+def edge_forms(edges: Ends, k: np.ndarray) -> np.ndarray:
+    """b_e^T K b_e for every edge e, (m,)."""
+    i, j = edges
+    return np.asarray(k[i, i] + k[j, j] - 2 * k[i, j])
+
+
+def chis(n: int, edges: Ends, weights: np.ndarray) -> tuple[float, float]:
+    """(chi_1, chi_2) of the rate Laplacian of ``weights``; ValueError if it is disconnected."""
+    eig, vec = np.linalg.eigh(laplacian(n, edges, weights))
+    if n < 2 or eig[1] <= 1e-12 * max(eig[-1], 1e-300):
+        raise ValueError("the rates leave the graph disconnected (lambda_2 = 0)")
+    pinv = (vec[:, 1:] / eig[1:]) @ vec[:, 1:].T
+    return float(1 / eig[1]), float(edge_forms(edges, pinv).max()) / 2
 
 
 def _validate(n: int, edges: tuple[Edge, ...], rates: dict[Edge, float]) -> None:

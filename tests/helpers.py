@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import trio
 
-from gossipnode.algorithms import make_algorithm
 from gossipnode.cluster import ring
 from gossipnode.config import NodeConfig
+from gossipnode.factory import make_algorithm
 from gossipnode.learner import consensus_distance
 from gossipnode.node import Node
 from gossipnode.tasks import Task, load_task
@@ -53,7 +53,7 @@ def make_node(cfg: NodeConfig, transport: Transport) -> Node:
         cfg,
         transport=transport,
         task=task(cfg.task, n=cfg.num_nodes, seed=cfg.seed),
-        algorithm=make_algorithm(cfg.algorithm, lr=cfg.lr),
+        algorithm=make_algorithm(cfg, task(cfg.task, n=cfg.num_nodes, seed=cfg.seed)),
         threaded=False,
     )
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from gossipnode.algorithms import Gossip, State, make_algorithm
+from gossipnode.algorithms import Gossip, State
 
 ALG = Gossip(lr=0.5)
 
@@ -15,32 +15,32 @@ ALG = Gossip(lr=0.5)
 def exchange(a: State, b: State) -> tuple[State, State]:
     """One exchange between a and b, as the two nodes run it."""
     sent, reply = ALG.payload(a, 0.0), ALG.payload(b, 0.0)
-    b = ALG.mix(b, reply, tuple(t.clone() for t in sent), 0.0)  # each end gets its own copy
-    a = ALG.mix(a, sent, tuple(t.clone() for t in reply), 0.0)
+    b = ALG.mix(b, reply, tuple(t.clone() for t in sent), 0.0, 0)  # each end gets its own copy
+    a = ALG.mix(a, sent, tuple(t.clone() for t in reply), 0.0, 1)
     return a, b
 
 
 def test_gradient_step_is_sgd() -> None:
     state = ALG.init(torch.tensor([1.0, 2.0]))
     state = ALG.apply_gradient(state, torch.tensor([2.0, -2.0]), now=0.0)
-    assert torch.equal(ALG.params(state), torch.tensor([0.0, 3.0]))
+    assert torch.equal(ALG.params(state, 0.0), torch.tensor([0.0, 3.0]))
 
 
 def test_exchange_averages_a_pair() -> None:
     a, b = exchange(ALG.init(torch.tensor([0.0, 4.0])), ALG.init(torch.tensor([2.0, 0.0])))
-    assert torch.equal(ALG.params(a), torch.tensor([1.0, 2.0]))
-    assert torch.equal(ALG.params(b), torch.tensor([1.0, 2.0]))
+    assert torch.equal(ALG.params(a, 0.0), torch.tensor([1.0, 2.0]))
+    assert torch.equal(ALG.params(b, 0.0), torch.tensor([1.0, 2.0]))
 
 
 def test_state_tensors_are_never_written() -> None:
     """A payload or snapshot shares the state's memory, so updates must make new tensors."""
     state = ALG.init(torch.zeros(3))
-    payload, snapshot = ALG.payload(state, 0.0), ALG.params(state)
+    payload, snapshot = ALG.payload(state, 0.0), ALG.params(state, 0.0)
     state = ALG.apply_gradient(state, torch.ones(3), 0.0)
-    state = ALG.mix(state, (torch.zeros(3),), (torch.full((3,), 4.0),), 0.0)
+    state = ALG.mix(state, (torch.zeros(3),), (torch.full((3,), 4.0),), 0.0, 1)
     assert torch.equal(payload[0], torch.zeros(3))
     assert torch.equal(snapshot, torch.zeros(3))
-    assert not torch.equal(ALG.params(state), torch.zeros(3))
+    assert not torch.equal(ALG.params(state, 0.0), torch.zeros(3))
 
 
 def test_sum_is_conserved_when_state_moves_during_an_exchange() -> None:
@@ -50,10 +50,10 @@ def test_sum_is_conserved_when_state_moves_during_an_exchange() -> None:
     sent = ALG.payload(a, 0.0)
     a = ALG.apply_gradient(a, torch.tensor([2.0]), 0.0)  # a moves by -1 while in flight
     reply = ALG.payload(b, 0.0)
-    b = ALG.mix(b, reply, (sent[0].clone(),), 0.0)
-    a = ALG.mix(a, sent, (reply[0].clone(),), 0.0)
-    assert float(ALG.params(a) + ALG.params(b)) == pytest.approx(1.0 + 3.0 - 1.0)
-    assert float(ALG.params(a)) == pytest.approx(0.0 + (3.0 - 1.0) / 2)
+    b = ALG.mix(b, reply, (sent[0].clone(),), 0.0, 0)
+    a = ALG.mix(a, sent, (reply[0].clone(),), 0.0, 1)
+    assert float(ALG.params(a, 0.0) + ALG.params(b, 0.0)) == pytest.approx(1.0 + 3.0 - 1.0)
+    assert float(ALG.params(a, 0.0)) == pytest.approx(0.0 + (3.0 - 1.0) / 2)
 
 
 def test_random_pairwise_exchanges_match_the_dense_oracle() -> None:
@@ -69,11 +69,6 @@ def test_random_pairwise_exchanges_match_the_dense_oracle() -> None:
         e = torch.zeros(n, dtype=torch.float64)
         e[i], e[j] = 1.0, -1.0
         dense = (torch.eye(n, dtype=torch.float64) - torch.outer(e, e) / 2) @ dense  # (n, d)
-    got = torch.stack([ALG.params(s) for s in states])
+    got = torch.stack([ALG.params(s, 0.0) for s in states])
     assert torch.allclose(got, dense, atol=1e-12)
     assert torch.allclose(got.mean(0), x0.mean(0), atol=1e-12)
-
-
-def test_unknown_algorithm_names_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown algorithm 'sgp'; known: gossip"):
-        make_algorithm("sgp", lr=0.1)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import trio
 
-from gossipnode.algorithms import make_algorithm
+from gossipnode.algorithms import Gossip
 from gossipnode.messages import Exchange, Hello, Message, to_frame
 from gossipnode.node import Node
 from gossipnode.transport import Address, TcpTransport
@@ -37,7 +37,7 @@ async def refusal(
     decoder = FrameDecoder()
     async with stream:
         if handshake:
-            await stream.send_all(frame(Hello(9, "logreg", spec), seq=0))
+            await stream.send_all(frame(Hello(9, 1, "logreg", "", spec), seq=0))
         await stream.send_all(data)
         reasons = []
         with trio.fail_after(10):
@@ -54,7 +54,7 @@ async def refusal(
 async def live_pair(nursery: trio.Nursery) -> tuple[Node, Node]:
     tcp = TcpTransport()
     b_cfg = config(1, 2, [], listen=Address("127.0.0.1", 0), gossip_rate=0.0, grad_rate=20.0)
-    b = Node(b_cfg, transport=tcp, task=task(n=2), algorithm=make_algorithm("gossip", lr=0.1))
+    b = Node(b_cfg, transport=tcp, task=task(n=2), algorithm=Gossip(lr=0.1))
     b_address = await nursery.start(b.run)
     a_cfg = config(
         0,
@@ -65,7 +65,7 @@ async def live_pair(nursery: trio.Nursery) -> tuple[Node, Node]:
         gossip_rate=40.0,
         grad_rate=20.0,
     )
-    a = Node(a_cfg, transport=tcp, task=task(n=2), algorithm=make_algorithm("gossip", lr=0.1))
+    a = Node(a_cfg, transport=tcp, task=task(n=2), algorithm=Gossip(lr=0.1))
     await nursery.start(a.run)
     return a, b
 
@@ -98,16 +98,20 @@ async def test_bad_input_is_refused_and_gossip_goes_on(
             "frame body of 2147483648 bytes exceeds the limit",
         ),
         "a wrong version": (
-            frame(Hello(9, "logreg", spec), seq=0).replace(b"\xa1v\x01", b"\xa1v\x02"),
+            frame(Hello(9, 1, "logreg", "", spec), seq=0).replace(b"\xa1v\x01", b"\xa1v\x02"),
             False,
             "protocol version 2",
         ),
         "another algorithm": (
-            frame(Hello(9, "logreg", spec), seq=0, alg="dadao"),
+            frame(Hello(9, 1, "logreg", "", spec), seq=0, alg="dadao"),
             False,
             "runs algorithm 'dadao'",
         ),
-        "another task": (frame(Hello(9, "digits", spec), seq=0), False, "trains task 'digits'"),
+        "another task": (
+            frame(Hello(9, 1, "digits", "", spec), seq=0),
+            False,
+            "trains task 'digits'",
+        ),
         "a wrong shape": (
             frame(Exchange(1, (torch.zeros(size + 1, dtype=torch.float64),)), seq=1),
             True,

@@ -20,6 +20,14 @@ from gossipnode.messages import (
 from gossipnode.wire import Frame, FrameDecoder, ProtocolError, encode_bytes
 
 SPEC = (TensorSpec(torch.float32, (3,)),)
+HELLO = {
+    "type": "hello",
+    "node_id": 1,
+    "session": 5,
+    "task": "t",
+    "signature": "",
+    "payload_spec": [],
+}
 
 
 def through_the_wire(msg: Message) -> Message:
@@ -34,7 +42,13 @@ def through_the_wire(msg: Message) -> Message:
 @pytest.mark.parametrize(
     "msg",
     [
-        Hello(4, "digits", (TensorSpec(torch.float32, (5130,)), TensorSpec(torch.float64, ()))),
+        Hello(
+            4,
+            2**62,
+            "digits",
+            "mu=1 L=2",
+            (TensorSpec(torch.float32, (5130,)), TensorSpec(torch.float64, ())),
+        ),
         Busy(2**62, "busy"),
         Error("payload is float64[3]; expected float32[3]"),
     ],
@@ -58,9 +72,11 @@ def test_payload_messages_round_trip(kind: type[Exchange] | type[Reply]) -> None
         ({"type": "launch"}, "unknown message type"),
         ({"type": "exchange"}, "'exchange_id' must be an integer"),
         ({"type": "exchange", "exchange_id": True}, "must be an integer"),
-        ({"type": "hello", "node_id": 1, "task": 3, "payload_spec": []}, "'task' must be a string"),
-        ({"type": "hello", "node_id": 1, "task": "t", "payload_spec": [["f", [1]]]}, "bad payload"),
-        ({"type": "hello", "node_id": 1, "task": "t", "payload_spec": None}, "must be a list"),
+        ({**HELLO, "task": 3}, "'task' must be a string"),
+        ({**HELLO, "session": "x"}, "'session' must be an integer"),
+        ({**HELLO, "signature": None}, "'signature' must be a string"),
+        ({**HELLO, "payload_spec": [["f", [1]]]}, "bad payload"),
+        ({**HELLO, "payload_spec": None}, "must be a list"),
     ],
 )
 def test_bad_fields(header: dict, message: str) -> None:

@@ -161,7 +161,9 @@ def test_a_byzantine_node_disturbs_plain_gossip() -> None:
     attacked, _ = run(replace(base, scenario=Scenario(byzantine=(Byzantine(4, "sign-flip"),))))
 
     def spread(sim: Simulation) -> float:
-        return consensus_distance([n.params() for n in sim.nodes[:4] if n is not None])
+        return consensus_distance(
+            [n.algorithm.params(n.state, 0.0) for n in sim.nodes[:4] if n is not None]
+        )
 
     assert spread(honest) < 1e-6
     assert spread(attacked) > 1e3 * spread(honest)

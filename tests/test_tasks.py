@@ -85,7 +85,10 @@ def test_user_task_by_module_and_factory() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("mnist", "unknown task 'mnist': use one of logreg, digits or package.module:factory"),
+        (
+            "mnist",
+            "unknown task 'mnist': use one of logreg, linreg, digits or package.module:factory",
+        ),
         ("no_such_module:f", "cannot import no_such_module"),
         ("gossipnode.tasks:Nope", "has no callable 'Nope'"),
         ("gossipnode.tasks:dirichlet_split", "failed to build: TypeError"),

@@ -1,0 +1,51 @@
+"""The algorithm a configuration names, with its parameters worked out from the config, the
+task and the graph. Raises ValueError naming the flag to fix."""
+
+from __future__ import annotations
+
+from gossipnode.algorithms import Algorithm, Gossip
+from gossipnode.config import NodeConfig
+from gossipnode.dadao import Dadao, Parameters
+from gossipnode.tasks import Task
+
+ALGORITHMS = ("gossip", "dadao")
+
+
+def make_algorithm(config: NodeConfig, task: Task) -> Algorithm:
+    if config.algorithm == "gossip":
+        return Gossip(lr=config.lr)
+    if config.algorithm == "dadao":
+        return _dadao(config, task)
+    raise ValueError(
+        f"--algorithm: unknown algorithm {config.algorithm!r}; known: {', '.join(ALGORITHMS)}"
+    )
+
+
+def _dadao(config: NodeConfig, task: Task) -> Dadao:
+    if config.grad_rate is None or config.grad_rate == 0:
+        raise ValueError(
+            "--grad-rate: dadao needs a gradient rate > 0 (its time unit is the mean gradient "
+            "interval), not max or 0"
+        )
+    if config.batch_size != 0:
+        raise ValueError("--batch-size: dadao needs full-batch gradients, --batch-size 0")
+    mu = config.mu if config.mu is not None else getattr(task, "mu", None)
+    lipschitz = config.lipschitz if config.lipschitz is not None else getattr(task, "L", None)
+    if mu is None or lipschitz is None:
+        raise ValueError(f"--mu and --L: task {task.name!r} does not know them; give both")
+    if config.dadao_chi1 is not None and config.dadao_chi2 is not None:
+        chi1, chi2 = config.dadao_chi1, config.dadao_chi2
+    elif config.graph is not None:
+        # chi scales as 1/rate: per second -> per time unit (1/grad_rate seconds)
+        chi1, chi2 = (c * config.grad_rate for c in config.graph.chis(config.gossip_rate))
+    else:
+        raise ValueError(
+            "--topology: dadao needs the whole graph for chi_1 and chi_2; give --topology, "
+            "or --dadao-chi1 and --dadao-chi2"
+        )
+    try:
+        parameters = Parameters(float(mu), float(lipschitz), chi1, chi2, config.dadao_alpha)
+    except ValueError as exc:
+        flag = "--mu" if "mu must" in str(exc) else "--L" if "L must" in str(exc) else "--dadao"
+        raise ValueError(f"{flag}: {exc}") from None
+    return Dadao(parameters, time_unit=1 / config.grad_rate)
