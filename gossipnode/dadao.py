@@ -8,9 +8,10 @@ both ends apply z -= beta (w_self - w_other), z~ -= beta~ (w_self - w_other) wit
 pair, so sum_i z_i and sum_i z~_i stay 0.
 
 Time is in DADAO's unit, the mean interval between a node's gradients: the algorithm is given
-seconds and divides by ``time_unit``. The node also keeps, per neighbour, the sum of the m it
-has applied on that edge, so that when a neighbour restarts with fresh state the edge's share
-of z can be taken back (``reset_edge``) and the sums stay 0.
+seconds and divides by ``time_unit``. The node also keeps, per neighbour, what the exchanges on
+that edge have put into its (z, z~), carried along by the flow (the (z, z~) block of A is
+closed), so that when a neighbour restarts with fresh state that share can be taken back
+(``reset_edge``) and the sums stay 0.
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class Parameters:
 
 @dataclass
 class Dadao:
-    """DADAO as an ``Algorithm``: state {"s": (6, d), "t": time of S, "m/<peer>": (d,)}."""
+    """DADAO as an ``Algorithm``. State: "s" (6, d) at time "t"; per neighbour, "e/<peer>"
+    (2, d), what the edge put into (z, z~), at time "et/<peer>"."""
 
     name: ClassVar[str] = "dadao"
     parameters: Parameters
@@ -174,19 +176,28 @@ class Dadao:
 
     def mix(self, state: State, sent: Payload, received: Payload, now: float, peer: int) -> State:
         m = sent[0] - received[0].to(torch.float64)  # w_self - w_other, (d,)
-        moved = self._moved(state, self.advance(state, now) + torch.outer(self._edge_jump, m), now)
-        key = f"m/{peer}"
-        moved[key] = state[key] + m if key in state else m
+        jump = torch.outer(self._edge_jump, m)  # (6, d), non-zero in the z, z~ rows only
+        moved = self._moved(state, self.advance(state, now) + jump, now)
+        moved[f"e/{peer}"] = self._edge_share(state, peer, now) + jump[Z:]
+        moved[f"et/{peer}"] = moved["t"]
         return moved
 
     def reset_edge(self, state: State, peer: int, now: float) -> State:
-        key = f"m/{peer}"
-        if key not in state:
+        if f"e/{peer}" not in state:
             return state
-        undo = self.advance(state, now) - torch.outer(self._edge_jump, state[key])
-        moved = self._moved(state, undo, now)
-        del moved[key]
+        s = self.advance(state, now)
+        s[Z:] -= self._edge_share(state, peer, now)
+        moved = self._moved(state, s, now)
+        del moved[f"e/{peer}"], moved[f"et/{peer}"]
         return moved
+
+    def _edge_share(self, state: State, peer: int, now: float) -> torch.Tensor:
+        """What the edge to ``peer`` has put into (z, z~), carried to ``now``, (2, d)."""
+        if f"e/{peer}" not in state:
+            return torch.zeros(2, state["s"].shape[1], dtype=torch.float64)
+        since = now / self.time_unit - float(state[f"et/{peer}"])
+        share: torch.Tensor = self.flow(since)[Z:, Z:] @ state[f"e/{peer}"]
+        return share
 
     def invariants(self, state: State, now: float) -> dict[str, torch.Tensor]:
         """Vectors whose sum over all nodes the algorithm keeps at 0: z and z~."""
@@ -194,6 +205,6 @@ class Dadao:
         return {"z": s[Z], "z~": s[ZT]}
 
     def _moved(self, state: State, s: torch.Tensor, now: float) -> State:
-        """``state`` with S replaced by ``s`` at time ``now`` (and the edge sums kept)."""
+        """``state`` with S replaced by ``s`` at time ``now`` (the edge shares kept)."""
         t = torch.tensor(now / self.time_unit, dtype=torch.float64)
         return {**state, "s": s, "t": t}
