@@ -200,9 +200,15 @@ class Dadao:
         return share
 
     def invariants(self, state: State, now: float) -> dict[str, torch.Tensor]:
-        """Vectors whose sum over all nodes the algorithm keeps at 0: z and z~."""
+        """Vectors whose sum over all nodes the algorithm keeps at 0.
+
+        z and z~ sum to 0 when the two ends of every exchange apply it at the same instant.
+        With latency between them they do not quite, but the difference sits in the part of
+        (z, z~) that the flow damps; the other part, (a~ z + a z~) / (a + a~), is conserved by
+        the flow itself, so its sum stays exactly 0 whatever the timing: "z_flow"."""
         s = self.advance(state, now)
-        return {"z": s[Z], "z~": s[ZT]}
+        a, at = self.parameters.alpha, self.parameters.eta  # alpha, alpha~
+        return {"z": s[Z], "z~": s[ZT], "z_flow": (at * s[Z] + a * s[ZT]) / (a + at)}
 
     def _moved(self, state: State, s: torch.Tensor, now: float) -> State:
         """``state`` with S replaced by ``s`` at time ``now`` (the edge shares kept)."""

@@ -291,3 +291,41 @@ def test_a_node_runs_from_a_topology_file(tmp_path: Path) -> None:
     assert code == 0, err
     summary = json.loads(out.splitlines()[-1])
     assert summary["exchanges"]["skipped_unreachable"] >= 0  # its neighbour is not running
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--mu", "0"], "--mu: must be a finite number > 0, got '0'"),
+        (["--mu", "5", "--L", "1"], "--L: L (1.0) must be >= mu (5.0)"),
+        ([], "--topology: dadao needs the whole graph for chi_1 and chi_2"),
+        (
+            ["--batch-size", "32", "--dadao-chi1", "1", "--dadao-chi2", "1"],
+            "--batch-size: dadao needs full-batch gradients",
+        ),
+        (
+            ["--grad-rate", "max", "--dadao-chi1", "1", "--dadao-chi2", "1"],
+            "--grad-rate: dadao needs a gradient rate > 0",
+        ),
+        (
+            ["--task", "digits", "--dadao-chi1", "1", "--dadao-chi2", "1"],
+            "--mu and --L: task 'digits' does not know them",
+        ),
+    ],
+)
+def test_bad_dadao_options(args: list[str], message: str) -> None:
+    code, _, err = invoke(
+        *BASE,
+        "--algorithm",
+        "dadao",
+        "--task",
+        "linreg",
+        "--batch-size",
+        "0",
+        "--grad-rate",
+        "5",
+        *args,
+    )
+    assert code == 2
+    assert err.startswith(f"gossipnode: error: {message}"), err
+    assert err.count("\n") == 1

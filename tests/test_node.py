@@ -167,3 +167,26 @@ async def test_a_crashed_neighbour_does_not_stop_training(
         s = node.stats.snapshot()
         assert s["gradients"] == pytest.approx(10.0 * 60, rel=0.2)
         assert s["exchanges"]["skipped_unreachable"] + s["exchanges"]["failed"] > 0
+
+
+async def test_dadao_nodes_with_other_parameters_refuse_each_other(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    dadao = {
+        "task": "linreg",
+        "algorithm": "dadao",
+        "batch_size": 0,
+        "duration": 10.0,
+        "dadao_chi1": 2.0,
+        "dadao_chi2": 0.25,
+    }
+    a = make_node(config(0, 2, [1], **dadao), network)
+    b = make_node(config(1, 2, [0], **dadao, mu=0.5), network)  # the task's mu is about 1.3
+    c = make_node(config(1, 2, [0], **dadao, listen=address(2)), network)
+    with trio.fail_after(20):
+        sa, sb = await run_all([a, b])
+    assert sa["mixes"] == sb["mixes"] == 0
+    assert sa["exchanges"]["rejected"] >= 1
+    assert a.algorithm.signature != b.algorithm.signature
+    assert a.algorithm.signature == c.algorithm.signature
