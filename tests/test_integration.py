@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from gossipnode.cluster import NodeResult, start_nodes, wait_all
+from gossipnode.cluster import NodeResult, free_ports, start_nodes, wait_all
+from gossipnode.graphs import generate
 from gossipnode.learner import consensus_distance
+from gossipnode.topology import Topology, save
 
 from .helpers import eventually
 
@@ -126,3 +130,100 @@ async def test_the_others_train_on_when_a_node_is_killed(tmp_path: Path) -> None
         lost = results[i].summary["exchanges"]  # type: ignore[index]
         assert lost["skipped_unreachable"] + lost["failed"] + lost["timed_out"] > 0
         assert lost["ok"] > 0
+
+
+def dadao_ring(tmp_path: Path, n: int, grad_rate: float) -> tuple[Path, list[int]]:
+    """A ring topology on free ports with DADAO-normalised uniform rates (per second)."""
+    ports = free_ports(n)
+    ring = generate("ring", n)
+    m = len(ring.edges)
+    chi1, chi2 = ring.chis(1.0 / m)
+    per_edge = math.sqrt(2 * chi1 * chi2) / m * grad_rate  # per time unit -> per second
+    topo = Topology(
+        n,
+        ring.edges,
+        dict.fromkeys(ring.edges, per_edge),
+        {i: f"127.0.0.1:{ports[i]}" for i in range(n)},
+    )
+    path = tmp_path / "ring.json"
+    save(topo, path)
+    return path, ports
+
+
+def dadao_command(i: int, topo: Path, out: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gossipnode",
+        "run",
+        "--id",
+        str(i),
+        "--topology",
+        str(topo),
+        "--algorithm",
+        "dadao",
+        "--task",
+        "linreg",
+        "--batch-size",
+        "0",
+        "--grad-rate",
+        "10",
+        "--torch-threads",
+        "1",
+        "--progress-every",
+        "1",
+        "--json",
+        "--out",
+        str(out / f"node-{i}"),
+    ]
+
+
+@pytest.mark.parametrize("restart", [False, True], ids=["steady", "one-node-killed-and-restarted"])
+async def test_dadao_nodes_reach_1e_6_over_tcp(tmp_path: Path, restart: bool) -> None:
+    n = 8
+    topo, _ = dadao_ring(tmp_path, n, grad_rate=10.0)
+    procs = [
+        await trio.lowlevel.open_process(
+            dadao_command(i, topo, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for i in range(n)
+    ]
+    watch = Watch(n)
+    try:
+        async with trio.open_nursery() as nursery:
+            for i, proc in enumerate(procs):
+                nursery.start_soon(watch.read, i, proc)
+            if restart:  # once everyone runs and has gossiped a little
+                assert await trained_or_exited(lambda: all(watch.latest), procs, seconds=60)
+                await trio.sleep(3)
+                procs[3].kill()
+                await procs[3].wait()
+                await trio.sleep(2)
+                procs[3] = await trio.lowlevel.open_process(
+                    dadao_command(3, topo, tmp_path),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+                watch.latest[3] = {}
+                nursery.start_soon(watch.read, 3, procs[3])
+            converged = await trained_or_exited(
+                lambda: all(p.get("error", 1.0) < 1e-6 for p in watch.latest), procs, seconds=150
+            )
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            codes = await wait_all(procs, trio.current_time() + 60)
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+    assert converged, watch.dump()
+    assert codes == [0] * n, watch.dump()
+    for i in range(n):
+        summary = NodeResult.read(i, codes[i], tmp_path).summary
+        assert summary is not None
+        assert summary["error"] < 1e-6, (i, summary)
+    if restart:
+        assert any(
+            "node 3 restarted; resetting the edge" in line
+            for line in watch.output[2] + watch.output[4]
+        ), watch.dump()
