@@ -222,7 +222,7 @@ class Node:
             log.warning("node %d: non-finite loss or gradient; step skipped", self.config.node_id)
             return
         self.state = self.algorithm.apply_gradient(self.state, grad, self.now())
-        self.stats.gradient(loss, staleness=self._mixes - mixes_before)
+        self.stats.gradient(loss, staleness=self._mixes - mixes_before, now=self.now())
         if self.trace is not None:
             self.trace("gradient", {"node": self.config.node_id, "loss": loss})
 

@@ -34,13 +34,18 @@ class Stats:
     staleness_total: int = 0  # mixes applied while gradients were being computed
     staleness_max: int = 0
     loss: float | None = None  # moving average of the training loss
+    first_gradient_at: float = 0.0
+    last_gradient_at: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
     exchanges: Counter[str] = field(default_factory=Counter)
     # Durations of the latest exchanges this node started: payload to applied reply.
     exchange_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
-    def gradient(self, loss: float, staleness: int) -> None:
+    def gradient(self, loss: float, staleness: int, now: float) -> None:
+        if self.gradients == 0:
+            self.first_gradient_at = now
+        self.last_gradient_at = now
         self.gradients += 1
         self.staleness_total += staleness
         self.staleness_max = max(self.staleness_max, staleness)
@@ -61,6 +66,11 @@ class Stats:
             "bad_gradients": self.bad_gradients,
             "staleness_mean": self.staleness_total / self.gradients if self.gradients else 0.0,
             "staleness_max": self.staleness_max,
+            # DADAO's time unit: compare with 1/--grad-rate
+            "gradient_interval_mean": (self.last_gradient_at - self.first_gradient_at)
+            / (self.gradients - 1)
+            if self.gradients > 1
+            else None,
             "train_loss": self.loss,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
