@@ -17,6 +17,7 @@ exchange was in flight.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -95,3 +96,10 @@ class Gossip:
 
     def reset_edge(self, state: State, peer: int, now: float) -> State:
         return state  # averaging keeps nothing per edge
+
+    def with_params(self, state: State, params: torch.Tensor) -> State:
+        return {"x": params.clone()}
+
+    def aggregate(self, pivot: torch.Tensor, received: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Pairwise averaging, once with each received model: the mean of all of them."""
+        return torch.stack([pivot, *received]).mean(0)

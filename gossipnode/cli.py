@@ -32,6 +32,18 @@ app = typer.Typer(
 )
 
 USAGE_ERROR = 2
+MIXING_OPTIONS = (
+    "byzantine_budget",
+    "momentum",
+    "staleness",
+    "blend",
+    "variance_target",
+    "rho",
+    "local_steps",
+    "gossip_steps",
+    "dense_window",
+    "dense_factor",
+)
 
 
 def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
@@ -53,7 +65,10 @@ def run(
     ] = None,
     rates: Annotated[str | None, Opt(help="Rates JSON for --topology (gossipnode plan).")] = None,
     task: Annotated[str | None, Opt(help="logreg, digits, or package.module:factory.")] = None,
-    algorithm: Annotated[str | None, Opt(help="Mixing rule: gossip or dadao.")] = None,
+    algorithm: Annotated[
+        str | None,
+        Opt(help="Mixing rule: gossip, dadao, monna, variance-corrected or dfedsam."),
+    ] = None,
     duration: Annotated[str | None, Opt(help="Seconds to run; 0 = until SIGTERM.")] = None,
     seed: Annotated[str | None, Opt(help="Run seed, the same on every node.")] = None,
     grad_rate: Annotated[
@@ -84,6 +99,44 @@ def run(
         str | None, Opt(help="dadao: chi_1 in its time unit (default: from --topology).")
     ] = None,
     dadao_chi2: Annotated[str | None, Opt(help="dadao: chi_2 in its time unit.")] = None,
+    byzantine_budget: Annotated[
+        str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
+    ] = None,
+    momentum: Annotated[str | None, Opt(help="monna: local momentum beta (0.99).")] = None,
+    staleness: Annotated[
+        str | None,
+        Opt(
+            help="monna, variance-corrected, dfedsam: seconds a cached neighbour model counts "
+            "(default 3x the longer of the gradient and exchange intervals). These rules keep "
+            "each neighbour's latest model: memory is degree x model size."
+        ),
+    ] = None,
+    blend: Annotated[
+        str | None, Opt(help="variance-corrected: weight of the own model (0.5).")
+    ] = None,
+    variance_target: Annotated[
+        str | None,
+        Opt(help="variance-corrected: others, median, clipped (robust) or none (no correction)."),
+    ] = None,
+    rho: Annotated[
+        str | None, Opt(help="SAM radius of the local steps (dfedsam: 0.05; others: 0).")
+    ] = None,
+    local_steps: Annotated[str | None, Opt(help="dfedsam: local steps per round (K).")] = None,
+    gossip_steps: Annotated[
+        str | None, Opt(help="dfedsam: mixes per round (Q; > 1 is DFedSAM-MGS).")
+    ] = None,
+    dense_window: Annotated[
+        str | None,
+        Opt(help="START:END fractions of --duration where gossip runs --dense-factor faster."),
+    ] = None,
+    dense_factor: Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")] = None,
+    byzantine: Annotated[
+        str | None,
+        Opt(
+            help="Evaluation only: this node attacks. sign-flip, alie, foe, noise, nan, "
+            "wrong-shape or label-flip."
+        ),
+    ] = None,
     json_output: Annotated[bool, Opt("--json", help="Print JSON lines, not text.")] = False,
     config_file: Annotated[Path | None, Opt("--config", help="TOML file of these options.")] = None,
 ) -> None:
@@ -150,7 +203,9 @@ def simulate(
             help="logreg, linreg, digits, or package.module:factory; options as linreg(kappa=200)."
         ),
     ] = "logreg",
-    algorithm: Annotated[str, Opt(help="Mixing rule: gossip or dadao.")] = "gossip",
+    algorithm: Annotated[
+        str, Opt(help="Mixing rule: gossip, dadao, monna, variance-corrected or dfedsam.")
+    ] = "gossip",
     duration: Annotated[str, Opt(help="Virtual seconds to simulate.")] = "100",
     seed: Annotated[str, Opt(help="Run seed: the same seed gives the same trace.")] = "0",
     grad_rate: Annotated[str, Opt(help="Gradient steps/s per node; 'max' = back to back.")] = "1",
@@ -164,6 +219,43 @@ def simulate(
         str | None, Opt("--L", help="dadao: smoothness (default: the task's).")
     ] = None,
     dadao_alpha: Annotated[str, Opt(help="dadao: alpha as in the code or the paper.")] = "code",
+    byzantine_budget: Annotated[
+        str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
+    ] = None,
+    momentum: Annotated[str | None, Opt(help="monna: local momentum beta (0.99).")] = None,
+    staleness: Annotated[
+        str | None,
+        Opt(
+            help="monna, variance-corrected, dfedsam: seconds a cached neighbour model counts "
+            "(default 3x the longer of the gradient and exchange intervals). These rules keep "
+            "each neighbour's latest model: memory is degree x model size."
+        ),
+    ] = None,
+    blend: Annotated[
+        str | None, Opt(help="variance-corrected: weight of the own model (0.5).")
+    ] = None,
+    variance_target: Annotated[
+        str | None,
+        Opt(help="variance-corrected: others, median, clipped (robust) or none (no correction)."),
+    ] = None,
+    rho: Annotated[
+        str | None, Opt(help="SAM radius of the local steps (dfedsam: 0.05; others: 0).")
+    ] = None,
+    local_steps: Annotated[str | None, Opt(help="dfedsam: local steps per round (K).")] = None,
+    gossip_steps: Annotated[
+        str | None, Opt(help="dfedsam: mixes per round (Q; > 1 is DFedSAM-MGS).")
+    ] = None,
+    dense_window: Annotated[
+        str | None,
+        Opt(help="START:END fractions of --duration where gossip runs --dense-factor faster."),
+    ] = None,
+    dense_factor: Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")] = None,
+    allreduce_every: Annotated[
+        str | None, Opt(help="Baseline: every this many virtual s, all models become the mean.")
+    ] = None,
+    merge: Annotated[
+        bool, Opt("--merge", help="At the end, the single global merge (BatchNorm re-estimated).")
+    ] = False,
     sample_every: Annotated[
         str | None, Opt(help="Virtual seconds between metric samples (default duration/50).")
     ] = None,
@@ -325,7 +417,7 @@ def _sim_options(raw: dict[str, Any]) -> Any:
     """Validated simulation options; raises ConfigError naming the flag at fault."""
     from gossipnode import scenario as scenarios
     from gossipnode import topology as topologies
-    from gossipnode.config import ConfigError, parse_flag
+    from gossipnode.config import OPTIONS, ConfigError, parse_flag
     from gossipnode.factory import ALGORITHMS
     from gossipnode.graphs import from_spec
     from gossipnode.sim import SimOptions
@@ -367,6 +459,11 @@ def _sim_options(raw: dict[str, Any]) -> Any:
         for name, flag in (("mu", "mu"), ("lipschitz", "L"))
         if raw[name] is not None
     }
+    node_options = {
+        OPTIONS[name].field: parse_flag(name, raw[name])
+        for name in MIXING_OPTIONS
+        if raw[name] is not None
+    }
     return SimOptions(
         topology=topo,
         task=raw["task"],
@@ -384,6 +481,11 @@ def _sim_options(raw: dict[str, Any]) -> Any:
         if raw["sample_every"]
         else None,
         scenario=plan,
+        node_options=node_options,
+        allreduce_every=_positive("--allreduce-every", raw["allreduce_every"])
+        if raw["allreduce_every"]
+        else None,
+        merge=raw["merge"],
         **optional,
     )
 

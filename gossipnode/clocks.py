@@ -31,6 +31,27 @@ class PoissonClock:
         return count
 
 
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A communication budget over a run: the base rate, times ``factor`` in the dense window
+    [start, end) of the run's progress (fractions of ``duration``), as in "a single merging
+    suffices": sparse gossip, and the dense communication late."""
+
+    duration: float | None = None
+    window: tuple[float, float] | None = None
+    factor: float = 1.0
+
+    @property
+    def peak(self) -> float:
+        return max(self.factor, 1.0) if self.window else 1.0
+
+    def multiplier(self, t: float) -> float:
+        if self.window is None or not self.duration:
+            return 1.0
+        start, end = self.window
+        return self.factor if start <= t / self.duration < end else 1.0
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with jitter: after k failures in a row, wait about initial * 2^k."""

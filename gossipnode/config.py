@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from gossipnode import topology
+from gossipnode.byzantine import BEHAVIOURS
 from gossipnode.topology import Topology
 from gossipnode.transport import Address
 from gossipnode.wire import Limits
 
 ENV_PREFIX = "GOSSIPNODE_"
+VARIANCE_TARGETS = ("others", "median", "clipped", "none")
 
 
 class ConfigError(Exception):
@@ -56,10 +58,39 @@ class NodeConfig:
     dadao_alpha: str = "code"
     dadao_chi1: float | None = None  # of the rate Laplacian in DADAO time units; default:
     dadao_chi2: float | None = None  # computed from --topology
+    # The deep-model mixing rules (``mixing``); None means the rule's default.
+    byzantine_budget: int = 0  # monna: received models dropped per mix
+    momentum: float | None = None  # monna: EMA momentum beta (0.99)
+    staleness: float | None = None  # seconds a cached neighbour model counts
+    blend: float = 0.5  # variance-corrected: weight of the node's own model
+    variance_target: str = "others"  # variance-corrected: others, median, clipped or none
+    rho: float | None = None  # SAM radius (dfedsam: 0.05; others: 0 = plain gradients)
+    local_steps: int = 10  # dfedsam: K local steps per round
+    gossip_steps: int = 1  # dfedsam: Q mixes per round (MGS when > 1)
+    dense_window: tuple[float, float] | None = None  # fractions of duration, e.g. (0.9, 0.95)
+    dense_factor: float = 10.0  # gossip rate multiplier inside the dense window
+    byzantine: str | None = None  # evaluation only: this node attacks (byzantine.BEHAVIOURS)
     graph: Topology | None = None  # the --topology file, loaded
     # Exchanges per second this node initiates towards each peer (from a topology's rates);
     # a peer not listed gets half of gossip_rate, the other end initiating the other half.
     clock_rates: Mapping[Address, float] = field(default_factory=dict)
+
+    @property
+    def sam_radius(self) -> float:
+        """The SAM radius of this node's gradients: --rho; dfedsam's default 0.05; else 0."""
+        if self.rho is not None:
+            return self.rho
+        return 0.05 if self.algorithm == "dfedsam" else 0.0
+
+    @property
+    def cache_age(self) -> float:
+        """How long a cached neighbour model counts: --staleness, or three times the longer of
+        the gradient interval and an edge's exchange interval."""
+        if self.staleness is not None:
+            return self.staleness
+        grad = 1 / self.grad_rate if self.grad_rate else 0.0
+        edge = 1 / self.gossip_rate if self.gossip_rate else 0.0
+        return 3 * max(grad, edge, 1e-3)
 
     @property
     def limits(self) -> Limits:
@@ -124,6 +155,33 @@ def _choice(*allowed: str) -> Callable[[object], str]:
         return text
 
     return parse
+
+
+def _unit(value: object) -> float:
+    number = _float()(value)
+    if number > 1:
+        raise ValueError(f"must be between 0 and 1, got {value!r}")
+    return number
+
+
+def _fraction(value: object) -> float:
+    number = _unit(value)
+    if number == 1:
+        raise ValueError(f"must be >= 0 and < 1, got {value!r}")
+    return number
+
+
+def _window(value: object) -> tuple[float, float]:
+    start, colon, end = str(value).partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        window = _unit(start), _unit(end)
+    except ValueError:
+        raise ValueError(f"must be START:END, fractions of --duration, got {value!r}") from None
+    if window[0] >= window[1]:
+        raise ValueError(f"must be START:END with START < END, got {value!r}")
+    return window
 
 
 def _name(value: object) -> str:
@@ -197,6 +255,17 @@ OPTIONS = {
         Option("dadao_alpha", "dadao_alpha", _choice("code", "paper")),
         Option("dadao_chi1", "dadao_chi1", _float(allow_zero=False)),
         Option("dadao_chi2", "dadao_chi2", _float(allow_zero=False)),
+        Option("byzantine_budget", "byzantine_budget", _int(0)),
+        Option("momentum", "momentum", _fraction),
+        Option("staleness", "staleness", _float(allow_zero=False)),
+        Option("blend", "blend", _unit),
+        Option("variance_target", "variance_target", _choice(*VARIANCE_TARGETS)),
+        Option("rho", "rho", _float()),
+        Option("local_steps", "local_steps", _int(1)),
+        Option("gossip_steps", "gossip_steps", _int(1)),
+        Option("dense_window", "dense_window", _window),
+        Option("dense_factor", "dense_factor", _float(allow_zero=False)),
+        Option("byzantine", "byzantine", _choice(*BEHAVIOURS)),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")
@@ -307,6 +376,8 @@ def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{source['lipschitz']}: L ({config.lipschitz}) must be >= mu ({config.mu})"
         )
+    if config.dense_window is not None and config.duration is None:
+        raise ConfigError(f"{source['dense_window']}: a dense window needs --duration")
     if config.listen in config.peers:
         raise ConfigError(f"{source['peers']}: lists this node's own address {config.listen}")
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from gossipnode.algorithms import Algorithm, Gossip
 from gossipnode.config import NodeConfig
 from gossipnode.dadao import Dadao, Parameters
+from gossipnode.mixing import DFedSam, Monna, Segments, VarianceCorrected
 from gossipnode.tasks import Task
 
-ALGORITHMS = ("gossip", "dadao")
+ALGORITHMS = ("gossip", "dadao", "monna", "variance-corrected", "dfedsam")
+CACHED = ("monna", "variance-corrected", "dfedsam")  # keep a neighbour cache: degree x model
 
 
 def make_algorithm(config: NodeConfig, task: Task) -> Algorithm:
@@ -16,6 +18,8 @@ def make_algorithm(config: NodeConfig, task: Task) -> Algorithm:
         return Gossip(lr=config.lr)
     if config.algorithm == "dadao":
         return _dadao(config, task)
+    if config.algorithm in CACHED:
+        return _cached(config, task)
     raise ValueError(
         f"--algorithm: unknown algorithm {config.algorithm!r}; known: {', '.join(ALGORITHMS)}"
     )
@@ -49,3 +53,37 @@ def _dadao(config: NodeConfig, task: Task) -> Dadao:
         flag = "--mu" if "mu must" in str(exc) else "--L" if "L must" in str(exc) else "--dadao"
         raise ValueError(f"{flag}: {exc}") from None
     return Dadao(parameters, time_unit=1 / config.grad_rate)
+
+
+def _cached(config: NodeConfig, task: Task) -> Algorithm:
+    degree, age = len(config.peers), config.cache_age
+    if config.algorithm == "monna":
+        if config.byzantine_budget and 2 * config.byzantine_budget >= degree + 1:
+            raise ValueError(
+                f"--byzantine-budget: dropping {config.byzantine_budget} of at most "
+                f"{degree + 1} models (own included) needs 2b < {degree + 1}; lower it"
+            )
+        momentum = 0.99 if config.momentum is None else config.momentum
+        return Monna(config.lr, config.byzantine_budget, age, degree, momentum)
+    if config.algorithm == "variance-corrected":
+        target = config.variance_target
+        return VarianceCorrected(
+            config.lr,
+            weight_segments(task),
+            age,
+            degree,
+            blend=config.blend,
+            target="others" if target == "none" else target,
+            correct=target != "none",
+        )
+    return DFedSam(config.lr, config.local_steps, config.gossip_steps, age, degree)
+
+
+def weight_segments(task: Task) -> Segments:
+    """Where the weight tensors (dim >= 2) lie in the task's flat model."""
+    out, start = [], 0
+    for p in task.make_model(0).parameters():
+        if p.dim() >= 2:
+            out.append((start, start + p.numel()))
+        start += p.numel()
+    return tuple(out)

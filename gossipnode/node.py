@@ -31,16 +31,17 @@ import contextlib
 import logging
 import math
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 import trio
 
+from gossipnode import cache
 from gossipnode.algorithms import Algorithm
-from gossipnode.byzantine import Behaviour
-from gossipnode.clocks import Backoff, PoissonClock
+from gossipnode.byzantine import ATTACKS, LABEL_FLIP, View
+from gossipnode.clocks import Backoff, PoissonClock, Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
 from gossipnode.learner import Learner
@@ -102,9 +103,9 @@ class Node:
     threaded: bool = True  # compute gradients in a worker thread (off in virtual time)
     step_time: float = 0.0  # virtual seconds a gradient step costs (simulation)
     trace: Emit | None = None  # gets every gradient and exchange (simulation traces)
-    adversary: Behaviour | None = None  # what a Byzantine node sends instead of its payload
     incarnation: int = 0  # restarts of this node; keeps its random streams fresh
     evaluate_at_end: bool = True  # put the task's metrics in the summary (a simulator has them)
+    schedule: Schedule | None = None  # default: the config's dense window over its duration
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
@@ -120,6 +121,8 @@ class Node:
             model_seed=model_seed,
             batch_seed=_mix(cfg.seed, cfg.node_id, 1),
             batch_size=cfg.batch_size,
+            sam_rho=cfg.sam_radius,
+            flip_labels=cfg.byzantine == LABEL_FLIP,
         )
         self.initial_params = self.learner.initial_params()
         self.state = self.algorithm.init(self.initial_params)
@@ -140,6 +143,7 @@ class Node:
         self._t0 = 0.0
         self._cancel = trio.CancelScope()
         self._adversary_rng = self._rng("adversary")
+        self._attack: tuple[torch.Tensor, torch.Tensor] | None = None  # (own model, attack)
         self.session = self._rng("session").getrandbits(63)
         self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
 
@@ -236,10 +240,16 @@ class Node:
     async def _edge_loop(self, peer: Peer) -> None:
         if peer.rate <= 0:
             return
-        clock = PoissonClock(peer.rate, peer.rng, trio.current_time())
+        schedule = self.schedule or Schedule(
+            self.config.duration, self.config.dense_window, self.config.dense_factor
+        )
+        clock = PoissonClock(peer.rate * schedule.peak, peer.rng, trio.current_time())
         while True:
             await trio.sleep_until(clock.next)
             clock.pop_due(trio.current_time())
+            dense = schedule.multiplier(self.now())
+            if schedule.window and peer.rng.random() * schedule.peak >= dense:
+                continue  # outside the dense window: thinned to the base rate
             if self._initiating:  # Poisson thinning: one exchange of ours at a time
                 self.stats.count(Outcome.SKIPPED_BUSY)
                 continue
@@ -425,9 +435,21 @@ class Node:
     # ------------------------------------------------------------------ helpers
 
     def _outgoing(self, payload: Payload) -> Payload:
-        if self.adversary is None:
+        """What this node sends: its payload, or as a Byzantine evaluator its attack on it."""
+        attack = ATTACKS.get(self.config.byzantine or "")
+        if attack is None:
             return payload
-        return self.adversary(payload, self._adversary_rng)
+        # Worked out again only when its own model moved (once per step for the cache rules),
+        # like the attackers of a synchronous round: line searches are costly.
+        if self._attack is None or self._attack[0] is not payload[0]:
+            view = View(
+                own=payload[0],
+                honest=[e.model for e in cache.entries(self.state)],
+                defence=getattr(self.algorithm, "aggregate", _mean),
+                copies=max(1, self.config.byzantine_budget),
+            )
+            self._attack = (payload[0], attack(view, self._adversary_rng))
+        return (self._attack[1], *payload[1:])
 
     def _hello(self) -> Hello:
         return Hello(
@@ -522,6 +544,10 @@ def _within(seconds: float, error: type[Exception], what: str) -> Iterator[None]
             yield
     except trio.TooSlowError:
         raise error(f"{what} within {seconds:g}s") from None
+
+
+def _mean(pivot: torch.Tensor, received: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([pivot, *received]).mean(0)
 
 
 def _mix(*parts: int) -> int:

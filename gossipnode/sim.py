@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 import trio
 import trio.testing
 
-from gossipnode.byzantine import BEHAVIOURS
+from gossipnode.clocks import Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.factory import make_algorithm
 from gossipnode.learner import consensus_distance
@@ -65,6 +65,10 @@ class SimOptions:
     mu: float | None = None  # dadao: default the task's
     lipschitz: float | None = None
     dadao_alpha: str = "code"
+    # Other NodeConfig fields, the same for every node (the mixing rules' options).
+    node_options: Mapping[str, Any] = field(default_factory=dict)
+    allreduce_every: float | None = None  # virtual seconds between exact global averages
+    merge: bool = False  # at the end, the single global merge (``merge_all``)
     sample_every: float | None = None  # virtual seconds; default duration / 50
     sample_nodes: int | None = None  # nodes whose metrics each sample has; default up to 100
     scenario: Scenario = field(default_factory=Scenario)
@@ -106,8 +110,11 @@ class Simulation:
         self._on_sample = on_sample
         self._progress = progress
         self._byzantine = {b.node: b.behaviour for b in options.scenario.byzantine}
-        self.algorithm = make_algorithm(self._config(0), self.task)  # ValueError if unusable
+        # One per node: a rule may depend on the node's degree. ValueError if unusable.
+        self.algorithms = [make_algorithm(self._config(i), self.task) for i in range(self.n)]
+        self.algorithm = self.algorithms[0]
         self._sampled = options.sampled()
+        self.merged_models: dict[int, dict[str, Any]] = {}
 
     async def run(self) -> dict[str, Any]:
         opts = self.options
@@ -116,6 +123,8 @@ class Simulation:
         async with trio.open_nursery() as helpers:
             helpers.start_soon(self._sampler)
             helpers.start_soon(self._partition_events)
+            if opts.allreduce_every:
+                helpers.start_soon(self._allreduce, opts.allreduce_every)
             if self._progress is not None:
                 helpers.start_soon(self._ticker)
             async with trio.open_nursery() as lives:
@@ -123,6 +132,8 @@ class Simulation:
                     lives.start_soon(self._life, i)
                 await trio.sleep_until(opts.duration)
                 final = self._sample()
+                if opts.merge:
+                    final["merged"] = self.merge()
                 for node in self.nodes:
                     if node is not None:
                         node.stop()
@@ -158,22 +169,27 @@ class Simulation:
             lipschitz=opts.lipschitz,
             dadao_alpha=opts.dadao_alpha,
             graph=opts.topology,
+            byzantine=self._byzantine.get(i),
+            **opts.node_options,
         )
 
     def _make(self, i: int, incarnation: int) -> Node:
         config = self._config(i)
-        behaviour = self._byzantine.get(i)
         node = Node(
             config,
             transport=self.network.endpoint(address(i)),
             task=self.task,
-            algorithm=self.algorithm,
+            algorithm=self.algorithms[i],
             threaded=False,
             step_time=self.options.scenario.step_time_of(i),
             trace=self._event,
-            adversary=BEHAVIOURS[behaviour] if behaviour else None,
             incarnation=incarnation,
             evaluate_at_end=False,  # the final sample has the metrics
+            schedule=Schedule(
+                self.options.duration,
+                config.dense_window,
+                config.dense_factor,
+            ),
         )
         self.instances.append(node)
         return node
@@ -211,6 +227,40 @@ class Simulation:
         self.network.kill(address(crash.node))  # its peers see the connections drop
         node.stop()
         self._event("crash", {"node": crash.node})
+
+    def live(self) -> list[Node]:
+        return [node for node in self.nodes if node is not None]
+
+    def merge(self) -> dict[str, Any]:
+        """The single global merge of the live nodes, each with BatchNorm re-estimated on its
+        own data; the merged models (as state dicts) are kept in ``merged_models``."""
+        live = self.live()
+        merged = merged_params([node.params() for node in live])
+        results = [merge_into(node, merged) for node in live]
+        self.merged_models = {
+            n.config.node_id: model for n, (_, model) in zip(live, results, strict=True)
+        }
+        per_node = [
+            {"node": n.config.node_id, **m} for n, (m, _) in zip(live, results, strict=True)
+        ]
+        self._event("merge", {"nodes": per_node})
+        return {
+            "mean": {
+                k: sum(m[k] for m in per_node) / len(per_node) for k in per_node[0] if k != "node"
+            },
+            "per_node": per_node,
+        }
+
+    async def _allreduce(self, period: float) -> None:
+        """The all-reduce baseline: every ``period``, every live model becomes the average."""
+        k = 1
+        while True:
+            await trio.sleep_until(k * period)
+            live = self.live()
+            mean = merged_params([node.params() for node in live])
+            for node, algorithm in ((n, self.algorithms[n.config.node_id]) for n in live):
+                node.state = algorithm.with_params(node.state, mean)  # type: ignore[attr-defined]
+            k += 1
 
     # ------------------------------------------------------------------ observing
 
@@ -316,6 +366,7 @@ class Simulation:
             "events": self.events,
             "consensus_distance": final["consensus_distance"],
             "mean": final["mean"],
+            **({"merged": final["merged"]} if "merged" in final else {}),
             **self._totals(),
             "outcomes": outcomes,
             "per_node": [
@@ -323,6 +374,19 @@ class Simulation:
                 for i in range(self.n)
             ],
         }
+
+
+def merged_params(params: list[torch.Tensor]) -> torch.Tensor:
+    """The exact average of the models (in float64, then back to their dtype)."""
+    return torch.stack([p.double() for p in params]).mean(0).to(params[0].dtype)
+
+
+def merge_into(node: Node, merged: torch.Tensor) -> tuple[dict[str, float], dict[str, Any]]:
+    """The merged model at ``node``: BatchNorm re-estimated on its data, evaluated; returns the
+    metrics and the model's state dict."""
+    buffers = node.learner.recalibrate(merged)
+    metrics = node.learner.evaluate(merged, buffers)
+    return metrics, node.learner.model_state(merged, buffers)
 
 
 def _netmodel(opts: SimOptions) -> NetModel[Address | None]:
@@ -382,4 +446,6 @@ def simulate(
     summary["events_per_wall_second"] = summary["events"] / max(summary["wall_seconds"], 1e-9)
     if out is not None:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        for i, model in sim.merged_models.items():
+            torch.save(model, out / f"merged-{i}.pt")
     return summary

@@ -5,13 +5,14 @@ every node of a cluster builds the same task from the same seed, so the data spl
 ``logreg``, the exact optimum) agrees everywhere without any coordination.
 
 Built in: ``logreg`` (synthetic L2-regularised logistic regression, strongly convex, with mu,
-L and the optimum known) and ``digits`` (scikit-learn's bundled 8x8 digits, a small MLP,
-non-IID Dirichlet split). A user task is given as ``package.module:factory``.
+L and the optimum known) and ``digits`` (scikit-learn's bundled 8x8 digits, an MLP, a deep
+MLP or a small CNN, non-IID Dirichlet split). A user task is given as ``package.module:factory``.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import random
 from collections.abc import Callable
@@ -243,24 +244,39 @@ class LinReg:
 
 
 class Digits:
-    """scikit-learn's 8x8 digits (1,797 images, shipped with the package), a small MLP.
+    """scikit-learn's 8x8 digits (1,797 images, shipped with the package), a small network.
 
     20% of the images, chosen by the seed, are the common test set. The rest is split across
     nodes non-IID: each class is divided by proportions drawn from Dirichlet(alpha), so a
-    small alpha gives each node a few dominant classes.
+    small alpha gives each node a few dominant classes. ``model`` picks the network: ``mlp``
+    (one hidden layer of ``hidden``), ``deep`` (five hidden layers of ``hidden``, He init) or
+    ``cnn`` (two 3x3 convolutions with BatchNorm; ignores ``hidden``).
     """
 
     name = "digits"
+    classes = 10
+    MODELS = ("mlp", "deep", "cnn")
 
-    def __init__(self, *, seed: int, num_nodes: int, alpha: float = 0.5, hidden: int = 64) -> None:
+    def __init__(
+        self,
+        *,
+        seed: int,
+        num_nodes: int,
+        alpha: float = 0.5,
+        hidden: int = 64,
+        model: str = "mlp",
+    ) -> None:
         from sklearn.datasets import load_digits  # heavy import, only for this task
 
+        if model not in self.MODELS:
+            raise ValueError(f"unknown digits model {model!r}: use one of {', '.join(self.MODELS)}")
         x, y = load_digits(return_X_y=True)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(y))
         n_test = len(y) // 5
         test, train = order[:n_test], order[n_test:]
         self.hidden = hidden
+        self.model = model
         self._x = torch.tensor(x / 16.0, dtype=torch.float32)
         self._y = torch.tensor(y, dtype=torch.int64)
         self._test = Dataset(self._x[test], self._y[test])
@@ -268,10 +284,16 @@ class Digits:
         self._train = train
 
     def make_model(self, seed: int) -> nn.Module:
-        # nn.Linear draws its initial weights from torch's global generator.
+        # torch's layers draw their initial weights from the global generator.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+            if self.model == "deep":
+                return _deep_mlp(64, self.hidden, self.classes, depth=5)
+            if self.model == "cnn":
+                return _small_cnn(self.classes)
+            return nn.Sequential(
+                nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, self.classes)
+            )
 
     def shard(self, node: int) -> Dataset:
         idx = torch.as_tensor(self._train[self._parts[node]])
@@ -287,6 +309,37 @@ class Digits:
                 "loss": float(F.cross_entropy(logits, self._test.y)),
                 "accuracy": float((logits.argmax(1) == self._test.y).float().mean()),
             }
+
+
+def _deep_mlp(inputs: int, width: int, outputs: int, *, depth: int) -> nn.Sequential:
+    """``depth`` ReLU hidden layers of ``width``; He init keeps activations from shrinking."""
+    sizes = [inputs] + [width] * depth
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    layers.append(nn.Linear(width, outputs))
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return nn.Sequential(*layers)
+
+
+def _small_cnn(outputs: int) -> nn.Sequential:
+    """Two 3x3 conv + BatchNorm + ReLU blocks and a 2x2 max-pool for flat 8x8 images."""
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),  # the data stays (N, 64), like the MLPs'
+        # No conv biases: the BatchNorm right after cancels them.
+        nn.Conv2d(1, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, outputs),
+    )
 
 
 def dirichlet_split(

@@ -40,7 +40,10 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str
             "--task: unknown task 'mnist': use one of logreg, linreg, digits or "
             "package.module:factory",
         ),
-        (["--algorithm", "sgp"], "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao"),
+        (
+            ["--algorithm", "sgp"],
+            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, variance-corrected, dfedsam",
+        ),
         (["--id", "2"], "--id: node id 2 must be below --num-nodes 2 (ids are 0..1)"),
         (["--peers", "localhost"], "--peers: 'localhost' is not host:port"),
     ],
@@ -135,7 +138,11 @@ SIM = ["simulate", "--graph", "ring:4", "--duration", "5", "--quiet"]
 @pytest.mark.parametrize(
     ("args", "files", "message"),
     [
-        (["--algorithm", "sgp"], {}, "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao"),
+        (
+            ["--algorithm", "sgp"],
+            {},
+            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, variance-corrected, dfedsam",
+        ),
         (["--task", "mnist"], {}, "--task: unknown task 'mnist'"),
         (["--graph", "rign:4"], {}, "--graph: unknown graph kind 'rign'"),
         (

@@ -48,6 +48,58 @@ def test_tasks_are_deterministic_in_the_seed() -> None:
     assert not torch.equal(a.shard(2).y, c.shard(2).y)
 
 
+@pytest.mark.parametrize(
+    ("model", "shapes"),
+    [
+        ("mlp", [(32, 64), (32,), (10, 32), (10,)]),
+        ("deep", [(32, 64), (32,)] + [(32, 32), (32,)] * 4 + [(10, 32), (10,)]),
+        (
+            "cnn",
+            [(16, 1, 3, 3), (16,), (16,), (32, 16, 3, 3), (32,), (32,), (10, 512), (10,)],
+        ),
+    ],
+)
+def test_digits_models_have_the_expected_shapes(model: str, shapes: list[tuple[int, ...]]) -> None:
+    task = Digits(seed=0, num_nodes=2, hidden=32, model=model)
+    net = task.make_model(3)
+    assert [tuple(p.shape) for p in net.parameters()] == shapes
+    assert net(task.shard(0).x[:5]).shape == (5, task.classes)
+    assert torch.equal(flatten(net), flatten(task.make_model(3)))
+    assert not torch.equal(flatten(net), flatten(task.make_model(4)))
+
+
+def test_digits_default_model_is_the_64_hidden_mlp() -> None:
+    task = Digits(seed=0, num_nodes=2)
+    assert task.classes == 10
+    assert flatten(task.make_model(0)).numel() == 64 * 64 + 64 + 64 * 10 + 10
+
+
+def test_digits_deep_model_has_he_init_and_zero_biases() -> None:
+    net = Digits(seed=0, num_nodes=1, hidden=256, model="deep").make_model(0)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 6
+    for layer in linears:
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        expected = (2 / layer.in_features) ** 0.5
+        assert float(layer.weight.detach().std()) == pytest.approx(expected, rel=0.1)
+
+
+def test_digits_options_come_from_the_spec() -> None:
+    task = load_task("digits(model=cnn,alpha=0.1)", seed=0, num_nodes=2)
+    assert isinstance(task, Digits)
+    assert task.model == "cnn"
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in task.make_model(0).modules())
+
+
+def test_digits_unknown_model_lists_the_choices() -> None:
+    with pytest.raises(
+        ValueError, match=r"unknown digits model 'resnet': use one of mlp, deep, cnn$"
+    ):
+        Digits(seed=0, num_nodes=2, model="resnet")
+    with pytest.raises(TaskError, match="use one of mlp, deep, cnn"):
+        load_task("digits(model=resnet)", seed=0, num_nodes=2)
+
+
 def test_digits_split_is_a_non_iid_partition() -> None:
     task = Digits(seed=0, num_nodes=8)
     sizes = [len(task.shard(i)) for i in range(8)]
