@@ -42,7 +42,8 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str
         ),
         (
             ["--algorithm", "sgp"],
-            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, variance-corrected, dfedsam",
+            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, "
+            "variance-corrected, dfedsam",
         ),
         (["--id", "2"], "--id: node id 2 must be below --num-nodes 2 (ids are 0..1)"),
         (["--peers", "localhost"], "--peers: 'localhost' is not host:port"),
@@ -141,7 +142,8 @@ SIM = ["simulate", "--graph", "ring:4", "--duration", "5", "--quiet"]
         (
             ["--algorithm", "sgp"],
             {},
-            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, variance-corrected, dfedsam",
+            "--algorithm: unknown algorithm 'sgp'; known: gossip, dadao, monna, "
+            "variance-corrected, dfedsam",
         ),
         (["--task", "mnist"], {}, "--task: unknown task 'mnist'"),
         (["--graph", "rign:4"], {}, "--graph: unknown graph kind 'rign'"),
