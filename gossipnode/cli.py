@@ -189,6 +189,56 @@ def cluster(
 
 
 @app.command()
+def merge(
+    peers: Annotated[
+        str | None, Opt(help="Comma-separated host:port of every node to merge.")
+    ] = None,
+    topology: Annotated[
+        Path | None, Opt(help="Or a topology JSON with every node's address.")
+    ] = None,
+    algorithm: Annotated[
+        str, Opt(help="The cluster's --algorithm (a node refuses another).")
+    ] = "gossip",
+    timeout: Annotated[
+        str, Opt(help="Seconds each node has for each step: connect and fetch, then merge.")
+    ] = "30",
+    allow_missing: Annotated[
+        bool,
+        Opt("--allow-missing", help="Merge the nodes that answer; by default all or none."),
+    ] = False,
+    json_output: Annotated[bool, Opt("--json", help="Print one JSON object, not a table.")] = False,
+) -> None:
+    """The single global merge of a running cluster: average the models of every node exactly;
+    each node re-estimates BatchNorm statistics on its data and writes the merged model next
+    to its own (merged.pt in its --out), then trains on."""
+    from gossipnode.config import ConfigError
+    from gossipnode.factory import ALGORITHMS
+    from gossipnode.merge import merge_addresses, run_merge
+
+    try:
+        addresses = merge_addresses(peers, topology)
+        step_timeout = _positive("--timeout", timeout)
+    except ConfigError as exc:
+        fail(str(exc))
+    if algorithm not in ALGORITHMS:
+        fail(f"--algorithm: unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    _setup_logging("warning")
+    report = _run_async(
+        run_merge,
+        addresses,
+        algorithm=algorithm,
+        step_timeout=step_timeout,
+        allow_missing=allow_missing,
+    )
+    if json_output:
+        print(json.dumps(report.to_json()))
+    else:
+        print("\n".join(report.lines()))
+    if not report.ok:
+        fail(report.problem(), code=1)
+
+
+@app.command()
 def simulate(
     topology: Annotated[Path | None, Opt(help="Topology JSON file.")] = None,
     graph: Annotated[

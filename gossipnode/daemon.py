@@ -12,7 +12,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ log = logging.getLogger("gossipnode.daemon")
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 INITIAL_MODEL_FILE = "model-initial.pt"
+MERGED_MODEL_FILE = "merged.pt"  # from `gossipnode merge`: a state dict
 
 
 def build_node(config: NodeConfig, emit: Emit) -> Node:
@@ -51,7 +52,23 @@ def build_node(config: NodeConfig, emit: Emit) -> Node:
         algorithm=algorithm,
         emit=emit,
         incarnation=secrets.randbits(62),
+        keep_merged=_merged_keeper(config.out),
     )
+
+
+def _merged_keeper(out: Path | None) -> Callable[[dict[str, torch.Tensor]], str] | None:
+    """How a node keeps a merged model: as ``merged.pt`` next to its ``model.pt``."""
+    if out is None:
+        return None
+
+    def keep(state: dict[str, torch.Tensor]) -> str:
+        path = out / MERGED_MODEL_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        _fsync_rename(tmp, path)
+        return str(path.absolute())
+
+    return keep
 
 
 async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:

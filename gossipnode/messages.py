@@ -14,6 +14,21 @@ The dialer of a connection always initiates its exchanges; the listener only ans
 gossip edge uses one connection per direction and no two requests ever cross on a stream.
 An exchange id is chosen by the initiator; sending the same id again is a retry, which the
 responder answers from its cache without applying the update twice.
+
+A merge client (``gossipnode merge``) is not a gossip peer: its Hello has the role ``client``,
+and the node's Hello back lists the spec of its model (flat parameters), not of its gossip
+payload. A client that does not know the task, signature or spec yet (before it has met a
+first node) leaves them empty; what it gives must be the node's. Then, one request at a time::
+
+    client                               node
+    Fetch()                            ->
+                                      <- Model(gradients, (params,))
+    Merge(merge_id, (average,))        ->
+                                      <- Merged(merge_id, local, merged, saved)
+
+The node re-estimates BatchNorm statistics for the average on its own data, evaluates it and
+keeps it (``saved``: where, "" if nowhere), and goes on training its own model. It refuses an
+Exchange from a client, and a Fetch or Merge from a peer.
 """
 
 from __future__ import annotations
@@ -41,6 +56,11 @@ class TensorSpec:
         return cls(tensor.dtype, tuple(tensor.shape))
 
 
+PEER = "peer"
+CLIENT = "client"  # a merge client: fetches and merges models, never gossips
+ROLES = (PEER, CLIENT)
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     node_id: int
@@ -48,6 +68,7 @@ class Hello:
     task: str
     signature: str  # the algorithm's parameters that both ends must share
     payload_spec: tuple[TensorSpec, ...]
+    role: str = PEER  # absent on the wire: a peer
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,19 +90,44 @@ class Busy:
 
 
 @dataclass(frozen=True, slots=True)
+class Fetch:
+    """A merge client asks for the node's model."""
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    gradients: int  # gradient steps the node has applied
+    payload: Payload  # (flat parameters,)
+
+
+@dataclass(frozen=True, slots=True)
+class Merge:
+    merge_id: int
+    payload: Payload  # (the average of the cluster's flat parameters,)
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    merge_id: int
+    local: dict[str, float]  # the metrics of the node's own model
+    merged: dict[str, float]  # of the merged one, with BatchNorm re-estimated on local data
+    saved: str  # where the node wrote the merged model; "" if nowhere
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Sent before closing a connection because of the peer's fault; the reason is for humans."""
 
     reason: str
 
 
-Message = Hello | Exchange | Reply | Busy | Error
+Message = Hello | Exchange | Reply | Busy | Fetch | Model | Merge | Merged | Error
 
 
 def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
     """The message-specific header fields (type included) and the tensors of ``msg``."""
     match msg:
-        case Hello(node_id, session, task, signature, spec):
+        case Hello(node_id, session, task, signature, spec, role):
             table = [[DTYPE_NAMES[s.dtype], list(s.shape)] for s in spec]
             fields = {
                 "node_id": node_id,
@@ -89,6 +135,7 @@ def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
                 "task": task,
                 "signature": signature,
                 "payload_spec": table,
+                "role": role,
             }
             return {"type": "hello", **fields}, ()
         case Exchange(exchange_id, payload):
@@ -97,6 +144,15 @@ def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
             return {"type": "reply", "exchange_id": exchange_id}, payload
         case Busy(exchange_id, reason):
             return {"type": "busy", "exchange_id": exchange_id, "reason": reason}, ()
+        case Fetch():
+            return {"type": "fetch"}, ()
+        case Model(gradients, payload):
+            return {"type": "model", "gradients": gradients}, payload
+        case Merge(merge_id, payload):
+            return {"type": "merge", "merge_id": merge_id}, payload
+        case Merged(merge_id, local, merged, saved):
+            fields = {"merge_id": merge_id, "local": local, "merged": merged, "saved": saved}
+            return {"type": "merged", **fields}, ()
         case Error(reason):
             return {"type": "error", "reason": reason}, ()
 
@@ -112,6 +168,7 @@ def from_frame(frame: Frame) -> Message:
                 _str(h, "task"),
                 _str(h, "signature"),
                 _spec(h.get("payload_spec")),
+                _role(h.get("role", PEER)),
             )
         case "exchange":
             return Exchange(_int(h, "exchange_id"), frame.tensors)
@@ -119,6 +176,16 @@ def from_frame(frame: Frame) -> Message:
             return Reply(_int(h, "exchange_id"), frame.tensors)
         case "busy":
             return Busy(_int(h, "exchange_id"), _str(h, "reason"))
+        case "fetch":
+            return Fetch()
+        case "model":
+            return Model(_int(h, "gradients"), frame.tensors)
+        case "merge":
+            return Merge(_int(h, "merge_id"), frame.tensors)
+        case "merged":
+            return Merged(
+                _int(h, "merge_id"), _metrics(h, "local"), _metrics(h, "merged"), _str(h, "saved")
+            )
         case "error":
             return Error(_str(h, "reason"))
         case other:
@@ -154,6 +221,25 @@ def _str(h: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError(f"field {key!r} must be a string, got {value!r}")
     return value
+
+
+def _role(value: object) -> str:
+    if value not in ROLES:
+        raise ProtocolError(f"field 'role' must be one of {', '.join(ROLES)}, got {value!r}")
+    assert isinstance(value, str)
+    return value
+
+
+def _metrics(h: dict[str, Any], key: str) -> dict[str, float]:
+    value = h.get(key)
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+        for k, v in value.items()
+    )
+    if not ok:
+        raise ProtocolError(f"field {key!r} must map names to numbers, got {value!r}")
+    assert isinstance(value, dict)
+    return {k: float(v) for k, v in value.items()}
 
 
 def _spec(table: object) -> tuple[TensorSpec, ...]:

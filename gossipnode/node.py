@@ -23,6 +23,11 @@ without applying twice. So a lost reply heals into a late but two-sided update. 
 restart can leave an exchange applied at one end: every Hello carries the sender's session
 (new at each start), and a node that sees a neighbour's session change drops what is pending
 with it and asks the algorithm to reset that edge (DADAO takes back the edge's share of z).
+
+A merge client (``gossipnode merge``) dials like a peer but is none: it fetches the model and
+sends back the cluster's average, which the node evaluates with BatchNorm statistics
+re-estimated on its data and hands to ``keep_merged``, training on its own model meanwhile.
+Nothing a client sends touches the gossip state.
 """
 
 from __future__ import annotations
@@ -46,11 +51,16 @@ from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
 from gossipnode.learner import Learner
 from gossipnode.messages import (
+    CLIENT,
     Busy,
     Error,
     Exchange,
+    Fetch,
     Hello,
+    Merge,
+    Merged,
     Message,
+    Model,
     Reply,
     TensorSpec,
     check_payload,
@@ -106,6 +116,8 @@ class Node:
     incarnation: int = 0  # restarts of this node; keeps its random streams fresh
     evaluate_at_end: bool = True  # put the task's metrics in the summary (a simulator has them)
     schedule: Schedule | None = None  # default: the config's dense window over its duration
+    # Keeps a merged model (its state dict) and says where; the daemon writes it to --out.
+    keep_merged: Callable[[dict[str, torch.Tensor]], str] | None = None
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
@@ -127,6 +139,7 @@ class Node:
         self.initial_params = self.learner.initial_params()
         self.state = self.algorithm.init(self.initial_params)
         self.spec = tuple(TensorSpec.of(t) for t in self.algorithm.payload(self.state, 0.0))
+        self.model_spec = (TensorSpec.of(self.algorithm.params(self.state, 0.0)),)
         self.peers = [
             Peer(
                 addr,
@@ -369,13 +382,17 @@ class Node:
     # ------------------------------------------------------------------ answering
 
     async def _serve_peer(self, stream: Stream) -> None:
-        """Answer one dialer: a handshake, then its exchanges, until it goes or misbehaves."""
+        """Answer one dialer: a handshake, then its exchanges (or a merge client's requests),
+        until it goes or misbehaves."""
         conn = self._connection_for(stream)
         timeout = self.config.exchange_timeout
         try:
             with _within(timeout, ProtocolError, "no handshake"):
-                hello = self._check_hello(await conn.receive())
-                await conn.send(self._hello())
+                hello = self._check_hello(await conn.receive(), client_ok=True)
+                await conn.send(self._hello(for_client=hello.role == CLIENT))
+            if hello.role == CLIENT:
+                await self._serve_client(conn)
+                return
             while True:
                 msg = await conn.receive(frame_timeout=timeout)
                 if not isinstance(msg, Exchange):
@@ -422,6 +439,56 @@ class Node:
             self._mixes += 1
             self.stats.count(Outcome.SERVED)
 
+    async def _serve_client(self, conn: Connection) -> None:
+        """Answer a merge client: our model for a Fetch, the merged model's metrics for a
+        Merge, one at a time, until it goes (returns only if the merged model cannot be kept)."""
+        timeout = self.config.exchange_timeout
+        while True:
+            request = await conn.receive(frame_timeout=timeout)
+            answer: Message
+            match request:
+                case Fetch():
+                    params = self.algorithm.params(self.state, self.now())
+                    answer = Model(self.stats.gradients, (params,))
+                case Merge():
+                    check_payload(request.payload, self.model_spec)
+                    local = self.algorithm.params(self.state, self.now())
+                    try:
+                        answer = await self._offload(self._merged_here, request, local)
+                    except OSError as exc:
+                        reason = f"cannot save the merged model: {exc}"
+                        log.error("node %d: %s", self.config.node_id, reason)
+                        await self._send_error(conn, reason)
+                        return
+                case _:
+                    raise ProtocolError(f"unexpected {type(request).__name__} from a merge client")
+            with _within(timeout, TransportError, "answer not sent"):
+                await conn.send(answer)
+
+    def merged_model(
+        self, merged: torch.Tensor
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The model ``merged`` (flat) at this node, with BatchNorm statistics re-estimated on
+        its data: its metrics and its state dict. Blocking."""
+        buffers = self.learner.recalibrate(merged)
+        metrics = self.learner.evaluate(merged, buffers)
+        return metrics, self.learner.model_state(merged, buffers)
+
+    def _merged_here(self, request: Merge, local: torch.Tensor) -> Merged:
+        """Evaluate the merged model and our own ``local`` one; keep the merged (blocking)."""
+        metrics, state = self.merged_model(request.payload[0])
+        saved = self.keep_merged(state) if self.keep_merged is not None else ""
+        own = self.learner.evaluate(local)
+        log.info(
+            "node %d: merge %d: merged model %s, own model %s%s",
+            self.config.node_id,
+            request.merge_id,
+            metrics,
+            own,
+            f", saved to {saved}" if saved else "",
+        )
+        return Merged(request.merge_id, own, metrics, saved)
+
     async def _reply(self, conn: Connection, exchange_id: int, payload: Payload) -> None:
         # Shielded: a stop still delivers a reply to an exchange we have taken on.
         timeout = self.config.exchange_timeout
@@ -451,9 +518,11 @@ class Node:
             self._attack = (payload[0], attack(view, self._adversary_rng))
         return (self._attack[1], *payload[1:])
 
-    def _hello(self) -> Hello:
+    def _hello(self, *, for_client: bool = False) -> Hello:
+        """Our Hello; a merge client learns the spec of our model from it, a peer of our payload."""
+        spec = self.model_spec if for_client else self.spec
         return Hello(
-            self.config.node_id, self.session, self.task.name, self.algorithm.signature, self.spec
+            self.config.node_id, self.session, self.task.name, self.algorithm.signature, spec
         )
 
     def _meet(self, hello: Hello) -> None:
@@ -474,26 +543,40 @@ class Node:
                 peer.pending = None  # for the old session: it may have applied it, now undone
                 self.stats.count(Outcome.ONE_SIDED)
 
-    def _check_hello(self, msg: Message) -> Hello:
+    def _check_hello(self, msg: Message, *, client_ok: bool = False) -> Hello:
+        """``msg`` if it is the Hello of a peer we can gossip with (or, if ``client_ok``, of a
+        merge client: no neighbour, so nothing of its session is noted)."""
         if not isinstance(msg, Hello):
             raise ProtocolError(f"expected Hello, got {type(msg).__name__}")
+        if msg.role == CLIENT:
+            if not client_ok:
+                raise ProtocolError("expected a node, got a merge client")
+            self._check_agreement(msg, self.model_spec, unknown_ok=True)
+            return msg
         if msg.node_id == self.config.node_id:
             raise ProtocolError(f"peer claims this node's own id {msg.node_id}")
-        if msg.task != self.task.name:
+        self._check_agreement(msg, self.spec)
+        self._meet(msg)
+        return msg
+
+    def _check_agreement(
+        self, msg: Hello, spec: tuple[TensorSpec, ...], *, unknown_ok: bool = False
+    ) -> None:
+        """Refuse a Hello for another task, signature or spec (``unknown_ok``: unless empty,
+        as a merge client leaves what it has not learnt yet)."""
+        if msg.task != self.task.name and not (unknown_ok and not msg.task):
             raise ProtocolError(
                 f"peer trains task {msg.task!r}; this node trains {self.task.name!r}"
             )
-        if msg.signature != self.algorithm.signature:
+        if msg.signature != self.algorithm.signature and not (unknown_ok and not msg.signature):
             raise ProtocolError(
                 f"peer runs {self.algorithm.name} with {msg.signature or 'no parameters'}; "
                 f"this node with {self.algorithm.signature or 'no parameters'}"
             )
-        if msg.payload_spec != self.spec:
+        if msg.payload_spec != spec and not (unknown_ok and not msg.payload_spec):
             theirs = ", ".join(map(str, msg.payload_spec))
-            ours = ", ".join(map(str, self.spec))
+            ours = ", ".join(map(str, spec))
             raise ProtocolError(f"peer's payload is {theirs}; this node's is {ours}")
-        self._meet(msg)
-        return msg
 
     def _connection_for(self, stream: Stream) -> Connection:
         return Connection(

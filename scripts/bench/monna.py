@@ -79,8 +79,7 @@ def table(results: list[dict[str, Any]], seeds: list[int]) -> list[str]:
         f"| attack (2 of 10) | {' | '.join(RULES)} |",
         "| --- |" + " --- |" * len(RULES),
     ]
-    for attack in ATTACKS:
-        lines.append(f"| {attack} | {' | '.join(cell(attack, r) for r in RULES)} |")
+    lines += [f"| {a} | {' | '.join(cell(a, r) for r in RULES)} |" for a in ATTACKS]
     lines.append("")
     lines.append(
         f"Mean final test accuracy (%) of the 8 honest nodes; median over seeds {seeds}"
@@ -109,15 +108,17 @@ def main() -> None:
     lines = table(results, args.seeds)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
+    seeds = " ".join(map(str, args.seeds))
+    command = f".venv/bin/python scripts/bench/monna.py --seeds {seeds}" + (
+        " --quick" if args.quick else ""
+    )
     (args.out / "monna.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "monna.md").write_text(
         "\n".join(
             [
                 "# MoNNA under Byzantine attack",
                 "",
-                f"`.venv/bin/python scripts/bench/monna.py --seeds {' '.join(map(str, args.seeds))}`"
-                f"{' --quick' if args.quick else ''}"
-                f" ({time.perf_counter() - started:.0f} s).",
+                f"`{command}` ({time.perf_counter() - started:.0f} s).",
                 "",
                 *lines,
             ]
