@@ -64,7 +64,7 @@ def _honest_accuracy(attack: str | None, budget: int) -> float:
         scenario=Scenario(byzantine=byzantine),
     )
     summary = simulate(options, None)
-    return sum(m["accuracy"] for m in summary["per_node"][:4]) / 4
+    return float(sum(m["accuracy"] for m in summary["per_node"][:4]) / 4)
 
 
 def test_monna_keeps_a_sign_flipper_out_where_plain_averaging_collapses() -> None:
