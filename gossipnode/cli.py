@@ -84,7 +84,9 @@ def run(
     progress_every: Annotated[
         str | None, Opt(help="Seconds between progress lines; 0 = off.")
     ] = None,
-    out: Annotated[str | None, Opt(help="Directory for summary.json and model.pt.")] = None,
+    out: Annotated[
+        str | None, Opt(help="Directory for summary.json, model.pt (and merged.pt, see merge).")
+    ] = None,
     torch_threads: Annotated[str | None, Opt(help="torch intra-op threads.")] = None,
     max_frame_mb: Annotated[str | None, Opt(help="Largest frame body accepted, in MiB.")] = None,
     log_level: Annotated[str | None, Opt(help="debug, info, warning or error.")] = None,

@@ -236,13 +236,9 @@ class Simulation:
         own data; the merged models (as state dicts) are kept in ``merged_models``."""
         live = self.live()
         merged = merged_params([node.params() for node in live])
-        results = [merge_into(node, merged) for node in live]
-        self.merged_models = {
-            n.config.node_id: model for n, (_, model) in zip(live, results, strict=True)
-        }
-        per_node = [
-            {"node": n.config.node_id, **m} for n, (m, _) in zip(live, results, strict=True)
-        ]
+        results = {node.config.node_id: node.merged_model(merged) for node in live}
+        self.merged_models = {i: model for i, (_, model) in results.items()}
+        per_node = [{"node": i, **metrics} for i, (metrics, _) in results.items()]
         self._event("merge", {"nodes": per_node})
         return {
             "mean": {
@@ -379,14 +375,6 @@ class Simulation:
 def merged_params(params: list[torch.Tensor]) -> torch.Tensor:
     """The exact average of the models (in float64, then back to their dtype)."""
     return torch.stack([p.double() for p in params]).mean(0).to(params[0].dtype)
-
-
-def merge_into(node: Node, merged: torch.Tensor) -> tuple[dict[str, float], dict[str, Any]]:
-    """The merged model at ``node``: BatchNorm re-estimated on its data, evaluated; returns the
-    metrics and the model's state dict."""
-    buffers = node.learner.recalibrate(merged)
-    metrics = node.learner.evaluate(merged, buffers)
-    return metrics, node.learner.model_state(merged, buffers)
 
 
 def _netmodel(opts: SimOptions) -> NetModel[Address | None]:
