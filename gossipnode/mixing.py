@@ -176,9 +176,11 @@ class VarianceCorrected(_Cached):
         return rescale_variance(out, self.segments, self._targets(pivot, received))
 
     def _targets(self, own: torch.Tensor, received: Sequence[torch.Tensor]) -> list[float]:
-        per_model = torch.tensor([variances(m, self.segments) for m in received])  # (k, T)
-        if self.target == "median":
-            return list(per_model.median(0).values.tolist())
+        per_model = torch.tensor(
+            [variances(m, self.segments) for m in received], dtype=torch.float64
+        )  # (k, T)
+        if self.target == "median":  # the midpoint of the middle two for an even count
+            return list(per_model.quantile(0.5, dim=0).tolist())
         targets: list[float] = per_model.mean(0).tolist()
         if self.target == "clipped":
             mine = variances(own, self.segments)

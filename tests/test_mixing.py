@@ -129,6 +129,7 @@ def test_robust_variance_targets() -> None:
     own = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
     received = [own, own * 2, own * 100]  # variances 1, 4, 10^4
     assert rule._targets(own, received) == [4.0]
+    assert rule._targets(own, received[:2]) == [2.5]  # even count: between the middle two
     clipped = VarianceCorrected(0.1, ((0, 4),), 10, 3, target="clipped")
     assert clipped._targets(own, received) == [2.0]  # the mean, clipped to 2 x own
 
