@@ -4,6 +4,7 @@ task and the graph. Raises ValueError naming the flag to fix."""
 from __future__ import annotations
 
 from gossipnode.algorithms import Algorithm, Gossip
+from gossipnode.byzantine import LABEL_FLIP
 from gossipnode.config import NodeConfig
 from gossipnode.dadao import Dadao, Parameters
 from gossipnode.mixing import DFedSam, Monna, Segments, VarianceCorrected
@@ -14,6 +15,11 @@ CACHED = ("monna", "variance-corrected", "dfedsam")  # keep a neighbour cache: d
 
 
 def make_algorithm(config: NodeConfig, task: Task) -> Algorithm:
+    if config.byzantine == LABEL_FLIP and not isinstance(getattr(task, "classes", None), int):
+        raise ValueError(
+            f"--byzantine: label-flip needs a classification task with classes; "
+            f"{task.name!r} has none"
+        )
     if config.algorithm == "gossip":
         return Gossip(lr=config.lr)
     if config.algorithm == "dadao":
@@ -64,6 +70,10 @@ def _cached(config: NodeConfig, task: Task) -> Algorithm:
                 f"{degree + 1} models (own included) needs 2b < {degree + 1}; lower it"
             )
         momentum = 0.99 if config.momentum is None else config.momentum
+        if config.byzantine == LABEL_FLIP:
+            # The authors' label-flipping vector: the model one flipped-label gradient step
+            # away, mu - gamma grad(flipped); no momentum carries the flip from step to step.
+            momentum = 0.0
         return Monna(config.lr, config.byzantine_budget, age, degree, momentum)
     if config.algorithm == "variance-corrected":
         target = config.variance_target

@@ -305,6 +305,34 @@ def test_a_node_runs_from_a_topology_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (
+            ["--algorithm", "monna", "--byzantine-budget", "1"],
+            "--byzantine-budget: dropping 1 of at most 1 models (own included) needs 2b < 1",
+        ),
+        (["--blend", "2"], "--blend: must be between 0 and 1, got '2'"),
+        (["--variance-target", "mean"], "--variance-target: must be one of others, median, "),
+        (["--dense-window", "0.9"], "--dense-window: must be START:END, fractions of --duration"),
+        (["--dense-window", "0.9:0.5"], "--dense-window: must be START:END with START < END"),
+        (["--byzantine", "lie"], "--byzantine: must be one of sign-flip, alie, foe, noise, "),
+        (["--momentum", "1"], "--momentum: must be >= 0 and < 1, got '1'"),
+        (["--gossip-steps", "0"], "--gossip-steps: must be an integer >= 1, got 0"),
+        (
+            ["--byzantine", "label-flip", "--task", "logreg"],
+            "--byzantine: label-flip needs a classification task with classes; 'logreg' has none",
+        ),
+        (["--task", "digits(model=vgg)"], "--task: task 'digits(model=vgg)' failed to build"),
+    ],
+)
+def test_bad_mixing_options(args: list[str], message: str) -> None:
+    code, _, err = invoke(*BASE, *args)
+    assert code == 2
+    assert err.startswith(f"gossipnode: error: {message}"), err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--mu", "0"], "--mu: must be a finite number > 0, got '0'"),
         (["--mu", "5", "--L", "1"], "--L: L (1.0) must be >= mu (5.0)"),
         ([], "--topology: dadao needs the whole graph for chi_1 and chi_2"),
