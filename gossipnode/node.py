@@ -236,7 +236,13 @@ class Node:
         grad, loss = await self._offload(self.learner.gradient, snapshot)
         if not (math.isfinite(loss) and bool(torch.isfinite(grad.sum()))):
             self.stats.bad_gradients += 1
-            log.warning("node %d: non-finite loss or gradient; step skipped", self.config.node_id)
+            bad = self.stats.bad_gradients
+            if math.log10(bad).is_integer():  # the 1st, 10th, 100th...: a diverged model is loud
+                log.warning(
+                    "node %d: non-finite loss or gradient; step skipped (%d so far)",
+                    self.config.node_id,
+                    bad,
+                )
             return
         self.state = self.algorithm.apply_gradient(self.state, grad, self.now())
         self.stats.gradient(loss, staleness=self._mixes - mixes_before, now=self.now())
