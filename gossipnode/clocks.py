@@ -40,6 +40,7 @@ class Schedule:
     duration: float | None = None
     window: tuple[float, float] | None = None
     factor: float = 1.0
+    offset: float = 0.0  # the run's time at the node's time 0 (a restarted node's start)
 
     @property
     def peak(self) -> float:
@@ -49,7 +50,8 @@ class Schedule:
         if self.window is None or not self.duration:
             return 1.0
         start, end = self.window
-        return self.factor if start <= t / self.duration < end else 1.0
+        progress = (self.offset + t) / self.duration
+        return self.factor if start <= progress < end else 1.0
 
 
 @dataclass

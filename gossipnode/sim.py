@@ -113,6 +113,10 @@ class Simulation:
         # One per node: a rule may depend on the node's degree. ValueError if unusable.
         self.algorithms = [make_algorithm(self._config(i), self.task) for i in range(self.n)]
         self.algorithm = self.algorithms[0]
+        if options.allreduce_every and not hasattr(self.algorithm, "with_params"):
+            raise ValueError(
+                f"--allreduce-every: {options.algorithm} has no single model to replace"
+            )
         self._sampled = options.sampled()
         self.merged_models: dict[int, dict[str, Any]] = {}
 
@@ -131,6 +135,8 @@ class Simulation:
                 for i in range(self.n):
                     lives.start_soon(self._life, i)
                 await trio.sleep_until(opts.duration)
+                if opts.allreduce_every and _multiple(opts.duration, opts.allreduce_every):
+                    self._average()  # the last round's average, before the final sample
                 final = self._sample()
                 if opts.merge:
                     final["merged"] = self.merge()
@@ -189,6 +195,7 @@ class Simulation:
                 self.options.duration,
                 config.dense_window,
                 config.dense_factor,
+                offset=trio.current_time(),  # a restarted node's time 0 is its restart
             ),
         )
         self.instances.append(node)
@@ -250,13 +257,17 @@ class Simulation:
     async def _allreduce(self, period: float) -> None:
         """The all-reduce baseline: every ``period``, every live model becomes the average."""
         k = 1
-        while True:
+        while k * period < self.options.duration:  # one at the very end is run()'s
             await trio.sleep_until(k * period)
-            live = self.live()
-            mean = merged_params([node.params() for node in live])
-            for node, algorithm in ((n, self.algorithms[n.config.node_id]) for n in live):
-                node.state = algorithm.with_params(node.state, mean)  # type: ignore[attr-defined]
+            self._average()
             k += 1
+
+    def _average(self) -> None:
+        """Every live model becomes the exact average of them all."""
+        live = self.live()
+        mean = merged_params([node.params() for node in live])
+        for node, algorithm in ((n, self.algorithms[n.config.node_id]) for n in live):
+            node.state = algorithm.with_params(node.state, mean)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ observing
 
@@ -370,6 +381,12 @@ class Simulation:
                 for i in range(self.n)
             ],
         }
+
+
+def _multiple(duration: float, period: float) -> bool:
+    """Whether ``duration`` is a whole number of ``period``s (an average falls on the end)."""
+    rounds = duration / period
+    return abs(rounds - round(rounds)) <= 1e-9 * max(1.0, rounds)
 
 
 def merged_params(params: list[torch.Tensor]) -> torch.Tensor:
