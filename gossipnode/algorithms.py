@@ -67,20 +67,30 @@ class Algorithm(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Gossip:
-    """Local SGD plus pairwise gossip averaging of the parameters (asynchronous D-SGD)."""
+    """Local SGD plus pairwise gossip averaging of the parameters (asynchronous D-SGD).
+
+    With ``momentum`` > 0 the local steps use heavy-ball momentum (m = beta m + g, x -= lr m,
+    as torch's SGD), kept local and never averaged (DFedAvgM-style)."""
 
     name: ClassVar[str] = "gossip"
     signature: ClassVar[str] = ""
     lr: float
+    momentum: float = 0.0
 
     def init(self, params: torch.Tensor) -> State:
-        return {"x": params.clone()}
+        state = {"x": params.clone()}
+        if self.momentum:
+            state["m"] = torch.zeros_like(params)
+        return state
 
     def params(self, state: State, now: float) -> torch.Tensor:
         return state["x"]
 
     def apply_gradient(self, state: State, grad: torch.Tensor, now: float) -> State:
-        return {"x": torch.add(state["x"], grad, alpha=-self.lr, out=grad)}
+        if not self.momentum:
+            return {"x": torch.add(state["x"], grad, alpha=-self.lr, out=grad)}
+        m = torch.add(grad, state["m"], alpha=self.momentum, out=grad)
+        return {"x": torch.add(state["x"], m, alpha=-self.lr), "m": m}
 
     def payload(self, state: State, now: float) -> Payload:
         return (state["x"],)
@@ -88,17 +98,17 @@ class Gossip:
     def mix(self, state: State, sent: Payload, received: Payload, now: float, peer: int) -> State:
         x, (own,), (other,) = state["x"], sent, received
         if x is own:  # unchanged since sent (state tensors are never written): the average
-            return {"x": torch.lerp(x, other, 0.5, out=other)}
+            return {**state, "x": torch.lerp(x, other, 0.5, out=other)}
         # x moved while the exchange was in flight: add half the pair's difference. Both
         # ends do, so the sum over nodes is unchanged.
         other.sub_(own)
-        return {"x": torch.add(x, other, alpha=0.5, out=other)}
+        return {**state, "x": torch.add(x, other, alpha=0.5, out=other)}
 
     def reset_edge(self, state: State, peer: int, now: float) -> State:
         return state  # averaging keeps nothing per edge
 
     def with_params(self, state: State, params: torch.Tensor) -> State:
-        return {"x": params.clone()}
+        return {**state, "x": params.clone()}
 
     def aggregate(self, pivot: torch.Tensor, received: Sequence[torch.Tensor]) -> torch.Tensor:
         """Pairwise averaging, once with each received model: the mean of all of them."""

@@ -104,7 +104,9 @@ def run(
     byzantine_budget: Annotated[
         str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
     ] = None,
-    momentum: Annotated[str | None, Opt(help="monna: local momentum beta (0.99).")] = None,
+    momentum: Annotated[
+        str | None, Opt(help="Local momentum beta, never mixed (monna 0.99, gossip 0).")
+    ] = None,
     staleness: Annotated[
         str | None,
         Opt(
@@ -274,7 +276,9 @@ def simulate(
     byzantine_budget: Annotated[
         str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
     ] = None,
-    momentum: Annotated[str | None, Opt(help="monna: local momentum beta (0.99).")] = None,
+    momentum: Annotated[
+        str | None, Opt(help="Local momentum beta, never mixed (monna 0.99, gossip 0).")
+    ] = None,
     staleness: Annotated[
         str | None,
         Opt(

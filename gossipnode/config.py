@@ -60,7 +60,7 @@ class NodeConfig:
     dadao_chi2: float | None = None  # computed from --topology
     # The deep-model mixing rules (``mixing``); None means the rule's default.
     byzantine_budget: int = 0  # monna: received models dropped per mix
-    momentum: float | None = None  # monna: EMA momentum beta (0.99)
+    momentum: float | None = None  # local momentum (monna: EMA beta 0.99; gossip: heavy ball 0)
     staleness: float | None = None  # seconds a cached neighbour model counts
     blend: float = 0.5  # variance-corrected: weight of the node's own model
     variance_target: str = "others"  # variance-corrected: others, median, clipped or none

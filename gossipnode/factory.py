@@ -21,7 +21,7 @@ def make_algorithm(config: NodeConfig, task: Task) -> Algorithm:
             f"{task.name!r} has none"
         )
     if config.algorithm == "gossip":
-        return Gossip(lr=config.lr)
+        return Gossip(lr=config.lr, momentum=config.momentum or 0.0)
     if config.algorithm == "dadao":
         return _dadao(config, task)
     if config.algorithm in CACHED:

@@ -72,3 +72,16 @@ def test_random_pairwise_exchanges_match_the_dense_oracle() -> None:
     got = torch.stack([ALG.params(s, 0.0) for s in states])
     assert torch.allclose(got, dense, atol=1e-12)
     assert torch.allclose(got.mean(0), x0.mean(0), atol=1e-12)
+
+
+def test_gossip_momentum_is_local_heavy_ball() -> None:
+    rule = Gossip(lr=0.5, momentum=0.9)
+    state = rule.init(torch.zeros(1, dtype=torch.float64))
+    state = rule.apply_gradient(state, torch.ones(1, dtype=torch.float64), 0.0)
+    state = rule.apply_gradient(state, torch.ones(1, dtype=torch.float64), 0.0)
+    assert state["m"].tolist() == [1.9]  # m = 0.9 m + g, as torch.optim.SGD
+    assert state["x"].tolist() == [-0.5 - 0.95]
+    (sent,) = rule.payload(state, 0.0)
+    mixed = rule.mix(state, (sent,), (torch.tensor([1.55], dtype=torch.float64),), 0.0, 1)
+    assert float(mixed["x"]) == pytest.approx(0.05)  # the models average, momentum stays
+    assert mixed["m"] is state["m"]

@@ -84,6 +84,7 @@ class Spec:
     window: tuple[float, float] | None = None
     allreduce: bool = False
     lr: float = LR
+    momentum: float = 0.0  # local heavy-ball momentum, never averaged
 
     @property
     def gossip_rate(self) -> float:
@@ -110,11 +111,14 @@ class Spec:
             allreduce_every=float(K) if self.allreduce else None,
             merge=True,
             sample_every=self.rounds * K + EPS,  # only t = 0 and the final sample
-            node_options=(
-                {"dense_window": self.window, "dense_factor": self.dense_factor}
-                if self.window
-                else {}
-            ),
+            node_options={
+                "momentum": self.momentum,
+                **(
+                    {"dense_window": self.window, "dense_factor": self.dense_factor}
+                    if self.window
+                    else {}
+                ),
+            },
         )
 
 
