@@ -72,7 +72,7 @@ async def test_monna_honest_nodes_learn_despite_a_sign_flipping_node(tmp_path: P
         assert r.summary["gradients"] > 300, r.summary
 
 
-RINGS = {
+RINGS: dict[str, dict[str, Any]] = {
     "variance-corrected": {"algorithm": "variance-corrected", "init": "independent"},
     "dfedsam": {"algorithm": "dfedsam", "local_steps": 10, "gossip_steps": 2, "init": "shared"},
 }
