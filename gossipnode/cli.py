@@ -54,6 +54,36 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
 Opt = typer.Option
 
 
+# The mixing rules' options, the same for `run` and `simulate`.
+ByzantineBudget = Annotated[
+    str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
+]
+Momentum = Annotated[
+    str | None, Opt(help="Local momentum beta, never mixed (monna 0.99, gossip 0).")
+]
+Staleness = Annotated[
+    str | None,
+    Opt(
+        help="monna, variance-corrected, dfedsam: seconds a cached neighbour model counts "
+        "(default 3x the longer of the gradient and exchange intervals). These rules keep "
+        "each neighbour's latest model: memory is degree x model size."
+    ),
+]
+Blend = Annotated[str | None, Opt(help="variance-corrected: weight of the own model (0.5).")]
+VarianceTarget = Annotated[
+    str | None,
+    Opt(help="variance-corrected: others, median, clipped (robust) or none (no correction)."),
+]
+Rho = Annotated[str | None, Opt(help="SAM radius of the local steps (dfedsam: 0.05; others: 0).")]
+LocalSteps = Annotated[str | None, Opt(help="dfedsam: local steps per round (K).")]
+GossipSteps = Annotated[str | None, Opt(help="dfedsam: mixes per round (Q; > 1 is DFedSAM-MGS).")]
+DenseWindow = Annotated[
+    str | None,
+    Opt(help="START:END fractions of --duration where gossip runs --dense-factor faster."),
+]
+DenseFactor = Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")]
+
+
 @app.command()
 def run(
     node_id: Annotated[str | None, Opt("--id", help="This node's id, 0..num-nodes-1.")] = None,
@@ -101,39 +131,16 @@ def run(
         str | None, Opt(help="dadao: chi_1 in its time unit (default: from --topology).")
     ] = None,
     dadao_chi2: Annotated[str | None, Opt(help="dadao: chi_2 in its time unit.")] = None,
-    byzantine_budget: Annotated[
-        str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
-    ] = None,
-    momentum: Annotated[
-        str | None, Opt(help="Local momentum beta, never mixed (monna 0.99, gossip 0).")
-    ] = None,
-    staleness: Annotated[
-        str | None,
-        Opt(
-            help="monna, variance-corrected, dfedsam: seconds a cached neighbour model counts "
-            "(default 3x the longer of the gradient and exchange intervals). These rules keep "
-            "each neighbour's latest model: memory is degree x model size."
-        ),
-    ] = None,
-    blend: Annotated[
-        str | None, Opt(help="variance-corrected: weight of the own model (0.5).")
-    ] = None,
-    variance_target: Annotated[
-        str | None,
-        Opt(help="variance-corrected: others, median, clipped (robust) or none (no correction)."),
-    ] = None,
-    rho: Annotated[
-        str | None, Opt(help="SAM radius of the local steps (dfedsam: 0.05; others: 0).")
-    ] = None,
-    local_steps: Annotated[str | None, Opt(help="dfedsam: local steps per round (K).")] = None,
-    gossip_steps: Annotated[
-        str | None, Opt(help="dfedsam: mixes per round (Q; > 1 is DFedSAM-MGS).")
-    ] = None,
-    dense_window: Annotated[
-        str | None,
-        Opt(help="START:END fractions of --duration where gossip runs --dense-factor faster."),
-    ] = None,
-    dense_factor: Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")] = None,
+    byzantine_budget: ByzantineBudget = None,
+    momentum: Momentum = None,
+    staleness: Staleness = None,
+    blend: Blend = None,
+    variance_target: VarianceTarget = None,
+    rho: Rho = None,
+    local_steps: LocalSteps = None,
+    gossip_steps: GossipSteps = None,
+    dense_window: DenseWindow = None,
+    dense_factor: DenseFactor = None,
     byzantine: Annotated[
         str | None,
         Opt(
@@ -273,39 +280,16 @@ def simulate(
         str | None, Opt("--L", help="dadao: smoothness (default: the task's).")
     ] = None,
     dadao_alpha: Annotated[str, Opt(help="dadao: alpha as in the code or the paper.")] = "code",
-    byzantine_budget: Annotated[
-        str | None, Opt(help="monna: received models dropped per mix (b; 0 = plain averaging).")
-    ] = None,
-    momentum: Annotated[
-        str | None, Opt(help="Local momentum beta, never mixed (monna 0.99, gossip 0).")
-    ] = None,
-    staleness: Annotated[
-        str | None,
-        Opt(
-            help="monna, variance-corrected, dfedsam: seconds a cached neighbour model counts "
-            "(default 3x the longer of the gradient and exchange intervals). These rules keep "
-            "each neighbour's latest model: memory is degree x model size."
-        ),
-    ] = None,
-    blend: Annotated[
-        str | None, Opt(help="variance-corrected: weight of the own model (0.5).")
-    ] = None,
-    variance_target: Annotated[
-        str | None,
-        Opt(help="variance-corrected: others, median, clipped (robust) or none (no correction)."),
-    ] = None,
-    rho: Annotated[
-        str | None, Opt(help="SAM radius of the local steps (dfedsam: 0.05; others: 0).")
-    ] = None,
-    local_steps: Annotated[str | None, Opt(help="dfedsam: local steps per round (K).")] = None,
-    gossip_steps: Annotated[
-        str | None, Opt(help="dfedsam: mixes per round (Q; > 1 is DFedSAM-MGS).")
-    ] = None,
-    dense_window: Annotated[
-        str | None,
-        Opt(help="START:END fractions of --duration where gossip runs --dense-factor faster."),
-    ] = None,
-    dense_factor: Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")] = None,
+    byzantine_budget: ByzantineBudget = None,
+    momentum: Momentum = None,
+    staleness: Staleness = None,
+    blend: Blend = None,
+    variance_target: VarianceTarget = None,
+    rho: Rho = None,
+    local_steps: LocalSteps = None,
+    gossip_steps: GossipSteps = None,
+    dense_window: DenseWindow = None,
+    dense_factor: DenseFactor = None,
     allreduce_every: Annotated[
         str | None, Opt(help="Baseline: every this many virtual s, all models become the mean.")
     ] = None,
