@@ -45,8 +45,9 @@ class Recorder:
     def mix(self, state: Any, sent: Any, received: Any, now: float, peer: int) -> Any:
         new = self.inner.mix(state, sent, received, now, peer)
         if float(new["v"]) > float(state["v"]):
-            before = {e.peer: e.used for e in cache.entries(state)}
-            used = {e.peer: e.version for e in cache.entries(new) if e.used != before.get(e.peer)}
+            # What the mix used: every neighbour model live now (the rule mixes them all).
+            live = cache.usable(new, now, self.inner.max_age, fresh_only=False)
+            used = {e.peer: e.version for e in live}
             self.mixes.append((now, used))
         return new
 
