@@ -208,8 +208,9 @@ def merge(
         Path | None, Opt(help="Or a topology JSON with every node's address.")
     ] = None,
     algorithm: Annotated[
-        str, Opt(help="The cluster's --algorithm (a node refuses another).")
-    ] = "gossip",
+        str | None,
+        Opt(help="The cluster's --algorithm, if you want it checked (default: learnt)."),
+    ] = None,
     timeout: Annotated[
         str, Opt(help="Seconds each node has for each step: connect and fetch, then merge.")
     ] = "30",
@@ -223,6 +224,7 @@ def merge(
     each node re-estimates BatchNorm statistics on its data and writes the merged model next
     to its own (merged.pt in its --out), then trains on."""
     from gossipnode.config import ConfigError
+    from gossipnode.connection import ANY_ALGORITHM
     from gossipnode.factory import ALGORITHMS
     from gossipnode.merge import merge_addresses, run_merge
 
@@ -231,13 +233,13 @@ def merge(
         step_timeout = _positive("--timeout", timeout)
     except ConfigError as exc:
         fail(str(exc))
-    if algorithm not in ALGORITHMS:
+    if algorithm is not None and algorithm not in ALGORITHMS:
         fail(f"--algorithm: unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
     _setup_logging("warning")
     report = _run_async(
         run_merge,
         addresses,
-        algorithm=algorithm,
+        algorithm=algorithm or ANY_ALGORITHM,
         step_timeout=step_timeout,
         allow_missing=allow_missing,
     )

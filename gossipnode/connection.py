@@ -13,7 +13,7 @@ from typing import Protocol
 
 import trio
 
-from gossipnode.messages import Error, Message, from_frame, to_frame
+from gossipnode.messages import CLIENT, Error, Hello, Message, from_frame, to_frame
 from gossipnode.transport import Stream, TransportError
 from gossipnode.wire import (
     Allocator,
@@ -47,6 +47,9 @@ class Meter(Protocol):
 class _Bytes:
     bytes_sent = 0
     bytes_received = 0
+
+
+ANY_ALGORITHM = "*"  # what a merge client sends until it has learnt the cluster's algorithm
 
 
 class Connection:
@@ -89,7 +92,7 @@ class Connection:
         msg = from_frame(frame)
         if isinstance(msg, Error):
             raise RemoteError(msg.reason)
-        self._check_envelope(frame)
+        self._check_envelope(frame, msg)
         return msg
 
     @property
@@ -100,9 +103,13 @@ class Connection:
         with trio.CancelScope(shield=True), contextlib.suppress(TransportError):
             await self.stream.aclose()
 
-    def _check_envelope(self, frame: Frame) -> None:
+    def _check_envelope(self, frame: Frame, msg: Message) -> None:
         header = frame.header
-        if header["alg"] != self.algorithm:
+        if self.algorithm == ANY_ALGORITHM and self.peer_id is None:
+            self.algorithm = header["alg"]  # a merge client learns the cluster's from its node
+        elif header["alg"] == ANY_ALGORITHM and isinstance(msg, Hello) and msg.role == CLIENT:
+            pass  # a client that has not learnt it yet: it gets no gossip state anyway
+        elif header["alg"] != self.algorithm:
             raise ProtocolError(
                 f"peer runs algorithm {header['alg']!r}; this node runs {self.algorithm!r}"
             )

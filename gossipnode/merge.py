@@ -295,6 +295,7 @@ class _Client:
         node.node = hello.node_id
         if self.cluster is None:
             self.cluster = hello
+            self.algorithm = node.conn.algorithm  # learnt, if it was open: the others must match
 
     async def fetch(self, node: NodeMerge) -> None:
         assert node.conn is not None

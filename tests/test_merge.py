@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from gossipnode.cli import app
 from gossipnode.cluster import ring
-from gossipnode.connection import Connection, RemoteError
+from gossipnode.connection import ANY_ALGORITHM, Connection, RemoteError
 from gossipnode.learner import flat_buffers, flatten
 from gossipnode.merge import CLIENT_ID, MergeReport, merge_cluster
 from gossipnode.messages import (
@@ -218,10 +218,12 @@ async def test_a_client_is_not_a_neighbour(autojump_clock: trio.testing.MockCloc
                 await merge_cluster(
                     [address(i) for i in range(3)],
                     transport=network,
-                    algorithm="monna",
+                    algorithm=algorithm,
                     step_timeout=5.0,
                 )
-                for _ in range(2)  # two clients, two sessions: no restart to see
+                # Two clients, two sessions (no restart to see); the second learns the
+                # algorithm from the nodes.
+                for algorithm in ("monna", ANY_ALGORITHM)
             ]
             await trio.sleep(10.0)
             for node in nodes:
@@ -235,10 +237,12 @@ async def test_a_client_is_not_a_neighbour(autojump_clock: trio.testing.MockCloc
         assert set(node._sessions) == set(ring(3)[i])  # neighbours only, never the client
 
 
-async def client(network: MemoryNetwork, target: Address, *msgs: Message) -> str:
+async def client(
+    network: MemoryNetwork, target: Address, *msgs: Message, algorithm: str = "gossip"
+) -> str:
     """Send ``msgs`` as a client (the first one a Hello); the node's reason for hanging up."""
     conn = Connection(
-        await network.connect(target), node_id=CLIENT_ID, algorithm="gossip", limits=Limits()
+        await network.connect(target), node_id=CLIENT_ID, algorithm=algorithm, limits=Limits()
     )
     try:
         for msg in msgs:
@@ -407,3 +411,17 @@ async def test_a_node_that_cannot_keep_the_merged_model_fails_the_merge(
     )
     assert report.problem().startswith("the merge failed at 1 of 2 nodes (node:7001: refused")
     assert nodes[1].stats.gradients > 0  # and it went on (until stopped)
+
+
+async def test_only_a_client_may_leave_the_algorithm_open(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    node = make_node(config(0, 1, [], grad_rate=0.0), network)
+    peer_hello = Hello(5, 1, node.task.name, "", node.spec)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            reason = await client(network, address(0), peer_hello, algorithm=ANY_ALGORITHM)
+            node.stop()
+    assert reason == "peer runs algorithm '*'; this node runs 'gossip'"
