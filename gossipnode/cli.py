@@ -115,7 +115,7 @@ def run(
         str | None, Opt(help="Seconds between progress lines; 0 = off.")
     ] = None,
     out: Annotated[
-        str | None, Opt(help="Directory for summary.json, model.pt (and merged.pt, see merge).")
+        str | None, Opt(help="Directory for summary.json, model.pt, checkpoint.pt (and merged.pt).")
     ] = None,
     torch_threads: Annotated[str | None, Opt(help="torch intra-op threads.")] = None,
     max_frame_mb: Annotated[str | None, Opt(help="Largest frame body accepted, in MiB.")] = None,
@@ -146,6 +146,17 @@ def run(
         Opt(
             help="Evaluation only: this node attacks. sign-flip, alie, foe, noise, nan, "
             "wrong-shape or label-flip."
+        ),
+    ] = None,
+    checkpoint_every: Annotated[
+        str | None,
+        Opt(help="Seconds between checkpoints in --out (30; 0 = only when stopping)."),
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        Opt(
+            "--resume",
+            help="Start from --out's checkpoint if there is one (an unreadable one is an error).",
         ),
     ] = None,
     json_output: Annotated[bool, Opt("--json", help="Print JSON lines, not text.")] = False,

@@ -69,6 +69,8 @@ class NodeConfig:
     gossip_steps: int = 1  # dfedsam: Q mixes per round (MGS when > 1)
     dense_window: tuple[float, float] | None = None  # fractions of duration, e.g. (0.9, 0.95)
     dense_factor: float = 10.0  # gossip rate multiplier inside the dense window
+    checkpoint_every: float = 30.0  # seconds between checkpoints in --out; 0 = only at the end
+    resume: bool = False  # start from --out's checkpoint, if there is one
     byzantine: str | None = None  # evaluation only: this node attacks (byzantine.BEHAVIOURS)
     graph: Topology | None = None  # the --topology file, loaded
     # Exchanges per second this node initiates towards each peer (from a topology's rates);
@@ -266,6 +268,8 @@ OPTIONS = {
         Option("dense_window", "dense_window", _window),
         Option("dense_factor", "dense_factor", _float(allow_zero=False)),
         Option("byzantine", "byzantine", _choice(*BEHAVIOURS)),
+        Option("checkpoint_every", "checkpoint_every", _float()),
+        Option("resume", "resume", _bool),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")
@@ -376,6 +380,8 @@ def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{source['lipschitz']}: L ({config.lipschitz}) must be >= mu ({config.mu})"
         )
+    if config.resume and config.out is None:
+        raise ConfigError(f"{source['resume']}: resuming needs --out, where checkpoints are")
     if config.dense_window is not None and config.duration is None:
         raise ConfigError(f"{source['dense_window']}: a dense window needs --duration")
     if config.listen in config.peers:

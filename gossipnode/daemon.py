@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import trio
 
+from gossipnode import checkpoint
 from gossipnode.config import ConfigError, NodeConfig
 from gossipnode.factory import make_algorithm
 from gossipnode.node import Emit, Node
@@ -44,16 +45,37 @@ def build_node(config: NodeConfig, emit: Emit) -> Node:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     transport = TcpTransport(connect_timeout=config.exchange_timeout)
-    # A fresh incarnation at every start: neighbours see a restart and reset their edge.
-    return Node(
-        config,
-        transport=transport,
-        task=task,
-        algorithm=algorithm,
-        emit=emit,
-        incarnation=secrets.randbits(62),
-        keep_merged=_merged_keeper(config.out),
-    )
+    path = config.out / checkpoint.FILE if config.out is not None else None
+    resume = _checkpoint_to_resume(path) if config.resume and path is not None else None
+    try:
+        # A fresh incarnation at every start: neighbours see a restart and reset their edge.
+        return Node(
+            config,
+            transport=transport,
+            task=task,
+            algorithm=algorithm,
+            emit=emit,
+            incarnation=secrets.randbits(62),
+            keep_merged=_merged_keeper(config.out),
+            checkpoint_path=path,
+            resume=resume,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--resume: {path}: {exc}" if resume else str(exc)) from None
+
+
+def _checkpoint_to_resume(path: Path) -> checkpoint.Checkpoint | None:
+    """The checkpoint at ``path``; None (logged) if there is none yet, ConfigError if it is
+    unreadable: a bad checkpoint is never silently replaced by a fresh start."""
+    if not path.exists():
+        log.warning("no checkpoint at %s yet: starting fresh", path)
+        return None
+    try:
+        saved = checkpoint.load(path)
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(f"--resume: {exc}") from None
+    log.info("resuming from %s (%s gradients)", path, saved.meta.get("stats", {}).get("gradients"))
+    return saved
 
 
 def _merged_keeper(out: Path | None) -> Callable[[dict[str, torch.Tensor]], str] | None:

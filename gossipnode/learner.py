@@ -118,6 +118,16 @@ class Learner:
         none). Safe to call from another thread: the snapshot is replaced, never updated."""
         return self._buffers.clone()
 
+    def batch_rng(self) -> torch.Tensor:
+        """The minibatch generator's state, for a checkpoint."""
+        return self._gen.get_state()
+
+    def restore(self, buffers: torch.Tensor, batch_rng: torch.Tensor) -> None:
+        """Continue from a checkpoint's running statistics and minibatch generator."""
+        load_buffers(self._train_model, buffers)
+        self._buffers = flat_buffers(self._train_model)
+        self._gen.set_state(batch_rng)
+
     def gradient(self, params: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The minibatch gradient of the loss at ``params`` (flat), and the loss there; with
         SAM, the gradient at the perturbed point. Updates the running statistics once."""

@@ -38,14 +38,16 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import trio
 
-from gossipnode import cache
+from gossipnode import cache, checkpoint
 from gossipnode.algorithms import Algorithm
 from gossipnode.byzantine import ATTACKS, LABEL_FLIP, View
+from gossipnode.checkpoint import Checkpoint
 from gossipnode.clocks import Backoff, PoissonClock, Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
@@ -118,6 +120,8 @@ class Node:
     schedule: Schedule | None = None  # default: the config's dense window over its duration
     # Keeps a merged model (its state dict) and says where; the daemon writes it to --out.
     keep_merged: Callable[[dict[str, torch.Tensor]], str] | None = None
+    checkpoint_path: Path | None = None  # written every --checkpoint-every s and at the end
+    resume: Checkpoint | None = None  # where to start from instead of a fresh model
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
@@ -159,6 +163,8 @@ class Node:
         self._attack: tuple[torch.Tensor, torch.Tensor] | None = None  # (own model, attack)
         self.session = self._rng("session").getrandbits(63)
         self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
+        if self.resume is not None:
+            self._resume_from(self.resume)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -179,11 +185,15 @@ class Node:
                         nursery.start_soon(self._edge_loop, peer)
                     if self.config.progress_every > 0:
                         nursery.start_soon(self._progress_loop)
+                    if self.checkpoint_path and self.config.checkpoint_every > 0:
+                        nursery.start_soon(self._checkpoint_loop, self.checkpoint_path)
                     task_status.started(self.address)
         finally:
             with trio.CancelScope(shield=True):
                 for peer in self.peers:
                     await self._disconnect(peer)
+                if self.checkpoint_path is not None:  # the state where it stopped
+                    await self._offload(checkpoint.save, self.checkpoint_path, self.checkpoint())
         summary = await self.summary()
         self.emit("summary", summary)
         return summary
@@ -210,6 +220,63 @@ class Node:
     def params(self) -> torch.Tensor:
         """A copy of the current model parameters (flat)."""
         return self.algorithm.params(self.state, self.now()).detach().clone()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> Checkpoint:
+        """What resuming needs, as of now (state tensors are never written: no copy)."""
+        stats = self.stats
+        return Checkpoint(
+            dict(self.state),
+            self.learner.buffers(),
+            self.learner.batch_rng(),
+            {
+                "node": self.config.node_id,
+                "task": self.config.task,
+                "algorithm": self.algorithm.name,
+                "signature": self.algorithm.signature,
+                "peers": sorted(self._sessions),
+                "stats": {
+                    "gradients": stats.gradients,
+                    "bad_gradients": stats.bad_gradients,
+                    "staleness_total": stats.staleness_total,
+                    "staleness_max": stats.staleness_max,
+                    "bytes_sent": stats.bytes_sent,
+                    "bytes_received": stats.bytes_received,
+                    "exchanges": dict(stats.exchanges),
+                },
+            },
+        )
+
+    def _resume_from(self, saved: Checkpoint) -> None:
+        """Continue from ``saved``; ValueError if it belongs to another node or setup."""
+        meta, cfg = saved.meta, self.config
+        mine = {"node": cfg.node_id, "task": cfg.task, "algorithm": self.algorithm.name}
+        mine["signature"] = self.algorithm.signature
+        for key, value in mine.items():
+            if meta.get(key) != value:
+                raise ValueError(f"the checkpoint is of {key} {meta.get(key)!r}, not {value!r}")
+        for key, fresh in self.state.items():
+            old = saved.state.get(key)
+            if old is None or old.shape != fresh.shape or old.dtype != fresh.dtype:
+                raise ValueError(f"the checkpoint's {key!r} does not fit this model")
+        self.state = saved.state
+        self.learner.restore(saved.buffers, saved.batch_rng)
+        counters = meta.get("stats", {})
+        for name in ("gradients", "bad_gradients", "staleness_total", "staleness_max"):
+            setattr(self.stats, name, int(counters.get(name, 0)))
+        self.stats.bytes_sent = int(counters.get("bytes_sent", 0))
+        self.stats.bytes_received = int(counters.get("bytes_received", 0))
+        self.stats.exchanges.update(counters.get("exchanges", {}))
+        # This start has a new session: each neighbour will drop what its edge to us carried,
+        # so we drop what ours to it carried (DADAO's sums of z stay 0).
+        for peer in meta.get("peers", []):
+            self.state = self.algorithm.reset_edge(self.state, int(peer), 0.0)
+
+    async def _checkpoint_loop(self, path: Path) -> None:
+        while True:
+            await trio.sleep(self.config.checkpoint_every)
+            await self._offload(checkpoint.save, path, self.checkpoint())
 
     # ------------------------------------------------------------------ compute
 
