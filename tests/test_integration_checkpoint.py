@@ -12,6 +12,8 @@ import trio
 from gossipnode import checkpoint
 from gossipnode.cluster import NodeResult, free_ports, node_command, wait_all
 
+from .helpers import eventually
+
 pytestmark = pytest.mark.integration
 
 OPTIONS = {
@@ -41,9 +43,7 @@ async def test_a_node_killed_during_checkpoints_resumes_every_time(tmp_path: Pat
         for _ in range(4):
             node = await start(0, ports, tmp_path, duration=0, resume=True)
             procs.append(node)
-            with trio.fail_after(60):
-                while not path.exists():
-                    await trio.sleep(0.1)
+            assert await eventually(path.exists, 60, poll=0.1)
             await trio.sleep(3 + rng.random())
             node.kill()
             await node.wait()
