@@ -163,6 +163,7 @@ class Node:
         self._attack: tuple[torch.Tensor, torch.Tensor] | None = None  # (own model, attack)
         self.session = self._rng("session").getrandbits(63)
         self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
+        self._resumed_at = 0.0  # the clock of the checkpoint resumed from
         if self.resume is not None:
             self._resume_from(self.resume)
 
@@ -203,7 +204,9 @@ class Node:
         self._cancel.cancel()
 
     def now(self) -> float:
-        return trio.current_time() - self._t0
+        """The node's clock: seconds since it started, continued across a resume (the
+        algorithm's state, DADAO's flow in particular, is timed by it)."""
+        return trio.current_time() - self._t0 + self._resumed_at
 
     async def summary(self) -> dict[str, Any]:
         metrics = {}
@@ -235,6 +238,7 @@ class Node:
                 "task": self.config.task,
                 "algorithm": self.algorithm.name,
                 "signature": self.algorithm.signature,
+                "now": self.now(),
                 "peers": sorted(self._sessions),
                 "stats": {
                     "gradients": stats.gradients,
@@ -268,10 +272,11 @@ class Node:
         self.stats.bytes_sent = int(counters.get("bytes_sent", 0))
         self.stats.bytes_received = int(counters.get("bytes_received", 0))
         self.stats.exchanges.update(counters.get("exchanges", {}))
+        self._resumed_at = float(meta.get("now", 0.0))
         # This start has a new session: each neighbour will drop what its edge to us carried,
         # so we drop what ours to it carried (DADAO's sums of z stay 0).
         for peer in meta.get("peers", []):
-            self.state = self.algorithm.reset_edge(self.state, int(peer), 0.0)
+            self.state = self.algorithm.reset_edge(self.state, int(peer), self._resumed_at)
 
     async def _checkpoint_loop(self, path: Path) -> None:
         while True:
