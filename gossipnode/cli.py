@@ -152,6 +152,9 @@ def run(
         str | None,
         Opt(help="Seconds between checkpoints in --out (30; 0 = only when stopping)."),
     ] = None,
+    metrics: Annotated[
+        str | None, Opt(help="host:port to serve Prometheus /metrics and JSON /status on.")
+    ] = None,
     resume: Annotated[
         bool | None,
         Opt(
@@ -449,6 +452,40 @@ def _positive_or_fail(flag: str, value: str) -> float:
         return _positive(flag, value)
     except ConfigError as exc:
         fail(str(exc))
+
+
+@app.command()
+def status(
+    address: Annotated[str, typer.Argument(help="host:port of a node's --metrics.")],
+    timeout: Annotated[float, Opt(min=0.1, help="Seconds to wait for the node.")] = 5.0,
+    json_output: Annotated[bool, Opt("--json", help="Print the raw JSON.")] = False,
+) -> None:
+    """Print a running node's status: counters, evaluation and each peer's state."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/status", timeout=timeout) as answer:
+            record = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        fail(f"cannot read http://{address}/status: {exc}", code=1)
+    if json_output:
+        print(json.dumps(record))
+        return
+    stats = record["stats"]
+    evaluation = "  ".join(f"{k}={v:.4g}" for k, v in record["evaluation"].items())
+    print(
+        f"node {record['node']} ({record['algorithm']}, {record['task']}), up "
+        f"{record['elapsed']:.1f}s: {stats['gradients']} gradients, {stats['mixes']} mixes"
+        + (f", {evaluation}" if evaluation else "")
+    )
+    print(f"{'peer':<22}{'node':<6}{'state':<12}{'planned/s':<11}{'achieved/s':<11}exchanges")
+    for p in record["peers"]:
+        state = "connected" if p["connected"] else "up" if p["up"] else "unreachable"
+        print(
+            f"{p['address']:<22}{p['node'] if p['node'] is not None else '-'!s:<6}{state:<12}"
+            f"{p['rate_planned']:<11.3g}{p['rate_achieved']:<11.3g}{p['exchanges']}"
+        )
 
 
 @app.command()

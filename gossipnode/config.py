@@ -69,6 +69,7 @@ class NodeConfig:
     gossip_steps: int = 1  # dfedsam: Q mixes per round (MGS when > 1)
     dense_window: tuple[float, float] | None = None  # fractions of duration, e.g. (0.9, 0.95)
     dense_factor: float = 10.0  # gossip rate multiplier inside the dense window
+    metrics: Address | None = None  # serve /metrics and /status here
     checkpoint_every: float = 30.0  # seconds between checkpoints in --out; 0 = only at the end
     resume: bool = False  # start from --out's checkpoint, if there is one
     byzantine: str | None = None  # evaluation only: this node attacks (byzantine.BEHAVIOURS)
@@ -269,6 +270,7 @@ OPTIONS = {
         Option("dense_factor", "dense_factor", _float(allow_zero=False)),
         Option("byzantine", "byzantine", _choice(*BEHAVIOURS)),
         Option("checkpoint_every", "checkpoint_every", _float()),
+        Option("metrics", "metrics", _address),
         Option("resume", "resume", _bool),
     ]
 }

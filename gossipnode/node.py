@@ -67,6 +67,7 @@ from gossipnode.messages import (
     TensorSpec,
     check_payload,
 )
+from gossipnode.observe import routes_for, serve_http
 from gossipnode.stats import Outcome, Stats
 from gossipnode.tasks import Task
 from gossipnode.transport import Address, Stream, Transport, TransportError
@@ -103,6 +104,7 @@ class Peer:
     conn: Connection | None = None
     pending: Pending | None = None
     up: bool = True  # last connection attempt worked; logs only the transitions
+    exchanges: int = 0  # initiated here and applied at both ends
 
 
 @dataclass(eq=False)
@@ -164,6 +166,7 @@ class Node:
         self.session = self._rng("session").getrandbits(63)
         self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
         self._resumed_at = 0.0  # the clock of the checkpoint resumed from
+        self.evaluation: dict[str, float] = {}  # the latest held-out metrics (progress loop)
         if self.resume is not None:
             self._resume_from(self.resume)
 
@@ -186,6 +189,13 @@ class Node:
                         nursery.start_soon(self._edge_loop, peer)
                     if self.config.progress_every > 0:
                         nursery.start_soon(self._progress_loop)
+                    if self.config.metrics is not None:
+                        port = await nursery.start(
+                            serve_http, self.config.metrics, routes_for(self.status)
+                        )
+                        log.info(
+                            "node %d: /metrics and /status on port %d", self.config.node_id, port
+                        )
                     if self.checkpoint_path and self.config.checkpoint_every > 0:
                         nursery.start_soon(self._checkpoint_loop, self.checkpoint_path)
                     task_status.started(self.address)
@@ -223,6 +233,30 @@ class Node:
     def params(self) -> torch.Tensor:
         """A copy of the current model parameters (flat)."""
         return self.algorithm.params(self.state, self.now()).detach().clone()
+
+    def status(self) -> dict[str, Any]:
+        """The node as /status shows it (and /metrics renders): counters, peers, evaluation."""
+        elapsed = max(self.now() - self._resumed_at, 1e-9)
+        return {
+            "node": self.config.node_id,
+            "task": self.config.task,
+            "algorithm": self.algorithm.name,
+            "elapsed": self.now(),
+            "stats": self.stats.snapshot(),
+            "evaluation": self.evaluation,
+            "peers": [
+                {
+                    "address": str(p.address),
+                    "node": p.node_id,
+                    "connected": p.conn is not None,
+                    "up": p.up,
+                    "rate_planned": p.rate,
+                    "rate_achieved": p.exchanges / elapsed,
+                    "exchanges": p.exchanges,
+                }
+                for p in self.peers
+            ],
+        }
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -350,6 +384,8 @@ class Node:
             finally:
                 self._initiating = False
             self.stats.count(outcome)
+            if outcome in (Outcome.OK, Outcome.RECONCILED):
+                peer.exchanges += 1
             if self.trace is not None:
                 self.trace(
                     "exchange",
@@ -677,6 +713,7 @@ class Node:
             metrics = await self._offload(
                 self.learner.evaluate, self.algorithm.params(self.state, self.now())
             )
+            self.evaluation = metrics
             snap, t = self.stats.snapshot(), self.now()
             dt = max(t - t_last, 1e-9)
             moved = snap["bytes_sent"] + snap["bytes_received"]

@@ -1,0 +1,102 @@
+"""/metrics and /status of a live node over real TCP, parsed as Prometheus would."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from gossipnode.cli import app
+from gossipnode.factory import make_algorithm
+from gossipnode.node import Node
+from gossipnode.transport import Address, TcpTransport
+
+from .helpers import config, task
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def get(port: int, path: str, method: str = "GET") -> tuple[str, bytes]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"{method} {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0].decode(), body
+
+
+def samples(text: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return out
+
+
+async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
+    ports = [free_port() for _ in range(2)]
+    metrics_port = free_port()
+    nodes = []
+    for i in range(2):
+        cfg = config(
+            i,
+            2,
+            [],
+            listen=Address("127.0.0.1", ports[i]),
+            peers=(Address("127.0.0.1", ports[1 - i]),),
+            gossip_rate=20.0,
+            grad_rate=0.0,  # counters hold still once gossip stops
+            progress_every=0.2,
+            metrics=Address("127.0.0.1", metrics_port) if i == 0 else None,
+        )
+        built = task(cfg.task, n=2)
+        nodes.append(
+            Node(cfg, transport=TcpTransport(), task=built, algorithm=make_algorithm(cfg, built))
+        )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.run)
+            await trio.sleep(1.5)
+            nodes[1].stop()  # from now on node 0's exchanges only fail: its counts hold still
+            await trio.sleep(0.5)
+            line, body = await get(metrics_port, "/metrics")
+            mine = nodes[0].stats.snapshot()
+            status_line, status_body = await get(metrics_port, "/status")
+            missing, _ = await get(metrics_port, "/nope")
+            post, _ = await get(metrics_port, "/metrics", method="POST")
+            nodes[0].stop()
+    assert line == "HTTP/1.0 200 OK"
+    values = samples(body.decode())
+    ok = mine["exchanges"]["ok"]
+    assert ok > 5
+    assert values["gossipnode_exchanges_total{outcome=ok}"] == ok
+    assert values["gossipnode_exchanges_total{outcome=served}"] == mine["exchanges"]["served"]
+    assert values["gossipnode_gradients_total"] == mine["gradients"] == 0
+    assert values["gossipnode_sent_bytes_total"] <= mine["bytes_sent"]
+    assert values[f"gossipnode_peer_exchanges_total{{peer=127.0.0.1:{ports[1]}}}"] == ok
+    assert "gossipnode_eval_loss" in values  # the progress loop's evaluation
+    assert status_line == "HTTP/1.0 200 OK"
+    status: dict[str, Any] = json.loads(status_body)
+    assert status["node"] == 0
+    assert status["peers"][0]["exchanges"] == ok
+    assert status["peers"][0]["rate_planned"] == 10.0  # half of the edge's 20/s
+    assert missing.startswith("HTTP/1.0 404")
+    assert post.startswith("HTTP/1.0 405")
+
+
+def test_status_command_says_when_the_node_is_not_there() -> None:
+    result = CliRunner().invoke(app, ["status", f"127.0.0.1:{free_port()}", "--timeout", "1"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("gossipnode: error: cannot read http://127.0.0.1:")
