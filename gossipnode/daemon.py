@@ -7,6 +7,7 @@ node from a config, and owns the process-level concerns the node should not know
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import secrets
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import trio
@@ -31,6 +32,7 @@ log = logging.getLogger("gossipnode.daemon")
 SUMMARY_FILE = "summary.json"
 MODEL_FILE = "model.pt"
 INITIAL_MODEL_FILE = "model-initial.pt"
+EVENTS_FILE = "events.jsonl"  # every progress and summary event, one JSON object a line
 MERGED_MODEL_FILE = "merged.pt"  # from `gossipnode merge`: a state dict
 
 
@@ -97,22 +99,37 @@ async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:
     """Run a node until its duration ends or a signal stops it; returns its summary."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    node = build_node(config, emit)
-    if config.out is not None:
-        config.out.mkdir(parents=True, exist_ok=True)
-        save_model(config.out / INITIAL_MODEL_FILE, node.initial_params, config)
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, node)
-            summary = await node.run()
-            nursery.cancel_scope.cancel()
-    except* TransportError as group:  # the only one a node lets out: it could not listen
-        reason = next(_leaves(group))
-        raise ConfigError(f"--listen: cannot listen on {config.listen}: {reason}") from None
+    with contextlib.ExitStack() as files:
+        if config.out is not None:
+            config.out.mkdir(parents=True, exist_ok=True)
+            events = files.enter_context((config.out / EVENTS_FILE).open("a"))
+            emit = _also_logged(emit, events)
+        node = build_node(config, emit)
+        if config.out is not None:
+            save_model(config.out / INITIAL_MODEL_FILE, node.initial_params, config)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, node)
+                summary = await node.run()
+                nursery.cancel_scope.cancel()
+        except* TransportError as group:  # the only one a node lets out: it could not listen
+            reason = next(_leaves(group))
+            raise ConfigError(f"--listen: cannot listen on {config.listen}: {reason}") from None
     if config.out is not None:
         save_model(config.out / MODEL_FILE, node.params(), config)
         _write_atomically(config.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _also_logged(emit: Emit, log_file: IO[str]) -> Emit:
+    """``emit``, and every event as one JSON line in ``log_file`` (kept across restarts)."""
+
+    def both(kind: str, fields: dict[str, Any]) -> None:
+        emit(kind, fields)
+        log_file.write(json.dumps({"event": kind, **fields}) + "\n")
+        log_file.flush()
+
+    return both
 
 
 async def _stop_on_signal(node: Node) -> None:

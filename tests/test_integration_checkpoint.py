@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,10 @@ async def start(i: int, ports: list[int], out: Path, **options: object) -> trio.
         return await trio.lowlevel.open_process(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
+def rewritten(path: Path, since: int) -> bool:
+    return path.exists() and path.stat().st_mtime_ns != since
+
+
 async def test_a_node_killed_during_checkpoints_resumes_every_time(tmp_path: Path) -> None:
     ports = free_ports(2)
     path = tmp_path / "node-0" / checkpoint.FILE
@@ -41,10 +47,12 @@ async def test_a_node_killed_during_checkpoints_resumes_every_time(tmp_path: Pat
     steps = []
     try:
         for _ in range(4):
+            written = path.stat().st_mtime_ns if path.exists() else 0
             node = await start(0, ports, tmp_path, duration=0, resume=True)
             procs.append(node)
-            assert await eventually(path.exists, 60, poll=0.1)
-            await trio.sleep(3 + rng.random())
+            # Once this incarnation has written a checkpoint of its own, it is up and running.
+            assert await eventually(partial(rewritten, path, written), 90, poll=0.05)
+            await trio.sleep(1 + rng.random())
             node.kill()
             await node.wait()
             steps.append(checkpoint.load(path).meta["stats"]["gradients"])  # never torn
@@ -65,3 +73,5 @@ async def test_a_node_killed_during_checkpoints_resumes_every_time(tmp_path: Pat
     assert summary["gradients"] > steps[-1] + 100, (summary, steps)
     assert summary["accuracy"] > 0.8, summary  # it went on training, not from scratch
     assert log.count("resuming from") == 4, log
+    events = (tmp_path / "node-0" / "events.jsonl").read_text().splitlines()
+    assert json.loads(events[-1]) == {"event": "summary", **summary}  # the JSONL event log
