@@ -8,7 +8,8 @@ A node runs, in one nursery:
 * one gossip clock per incident edge, of rate lambda/2 at each end (or the end's planned
   share), so that the two ends together fire the edge at rate lambda; each tick initiates
   one exchange on that edge;
-* the progress reporter.
+* the progress reporter, the checkpointer (every ``--checkpoint-every`` s, and once more at
+  the stop) and the HTTP server of ``/metrics`` and ``/status`` (``--metrics``).
 
 Who owns the state: the trio thread. ``self.state`` is replaced only by synchronous code
 between awaits, which trio never interleaves, so there are no locks and no update ever sees
