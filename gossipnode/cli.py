@@ -333,6 +333,9 @@ def simulate(
         f"{summary['wall_seconds']:.1f} s wall ({summary['events_per_wall_second']:.0f} events/s): "
         f"consensus distance {summary['consensus_distance']:.4g}  {mean}"
     )
+    if "merged" in summary:
+        merged = "  ".join(f"{k}={v:.4g}" for k, v in summary["merged"]["mean"].items())
+        print(f"the single global merge (BatchNorm re-estimated at each node): {merged}")
     if out is not None:
         print(f"trace and summary in {out}/")
 

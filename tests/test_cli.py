@@ -200,6 +200,19 @@ def test_simulate_then_report(tmp_path: Path) -> None:
     assert "has no trace.jsonl" in err
 
 
+def test_simulate_a_byzantine_scenario_and_merge(tmp_path: Path) -> None:
+    scenario = tmp_path / "byzantine.toml"
+    scenario.write_text('[[faults]]\nkind = "byzantine"\nnode = 3\nbehaviour = "sign-flip"\n')
+    code, out, err = invoke(
+        *["simulate", "--graph", "complete:4", "--task", "digits", "--algorithm", "monna"],
+        *["--byzantine-budget", "1", "--duration", "5", "--quiet", "--merge"],
+        *["--scenario", str(scenario), "--out", str(tmp_path / "run")],
+    )
+    assert code == 0, err
+    assert "the single global merge (BatchNorm re-estimated at each node): loss=" in out
+    assert (tmp_path / "run" / "merged-0.pt").exists()
+
+
 def test_topology_generate_show_and_plan(tmp_path: Path) -> None:
     topo = tmp_path / "wheel.json"
     code, out, err = invoke(
