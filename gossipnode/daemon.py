@@ -24,6 +24,7 @@ from gossipnode import checkpoint
 from gossipnode.config import ConfigError, NodeConfig
 from gossipnode.factory import make_algorithm
 from gossipnode.node import Emit, Node
+from gossipnode.observe import MetricsError
 from gossipnode.tasks import TaskError, load_task
 from gossipnode.transport import TcpTransport, TransportError
 
@@ -112,9 +113,12 @@ async def run_daemon(config: NodeConfig, emit: Emit) -> dict[str, Any]:
                 nursery.start_soon(_stop_on_signal, node)
                 summary = await node.run()
                 nursery.cancel_scope.cancel()
-        except* TransportError as group:  # the only one a node lets out: it could not listen
+        except* TransportError as group:  # a node lets out only these: it could not listen
             reason = next(_leaves(group))
             raise ConfigError(f"--listen: cannot listen on {config.listen}: {reason}") from None
+        except* MetricsError as group:
+            reason = next(_leaves(group))
+            raise ConfigError(f"--metrics: cannot listen on {config.metrics}: {reason}") from None
     if config.out is not None:
         save_model(config.out / MODEL_FILE, node.params(), config)
         _write_atomically(config.out / SUMMARY_FILE, json.dumps(summary, indent=2).encode())

@@ -290,8 +290,12 @@ class Node:
     def _resume_from(self, saved: Checkpoint) -> None:
         """Continue from ``saved``; ValueError if it belongs to another node or setup."""
         meta, cfg = saved.meta, self.config
-        mine = {"node": cfg.node_id, "task": cfg.task, "algorithm": self.algorithm.name}
-        mine["signature"] = self.algorithm.signature
+        mine = {
+            "node": cfg.node_id,
+            "task": cfg.task,
+            "algorithm": self.algorithm.name,
+            "signature": self.algorithm.signature,
+        }
         for key, value in mine.items():
             if meta.get(key) != value:
                 raise ValueError(f"the checkpoint is of {key} {meta.get(key)!r}, not {value!r}")

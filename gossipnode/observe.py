@@ -22,6 +22,10 @@ REQUEST_TIMEOUT = 5.0
 Route = Callable[[], tuple[str, bytes]]  # -> (content type, body)
 
 
+class MetricsError(Exception):
+    """The metrics server could not listen; the message says why."""
+
+
 def metrics_text(status: dict[str, Any]) -> str:
     """The Prometheus exposition of a node's ``status()``: counters end in ``_total``, in base
     units (seconds, bytes)."""
@@ -108,7 +112,10 @@ async def serve_http(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Answer GETs for ``routes`` on ``listen`` until cancelled; reports the bound port."""
-    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    try:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    except OSError as exc:
+        raise MetricsError(exc.strerror or str(exc)) from None
     task_status.started(listeners[0].socket.getsockname()[1])
 
     async def handler(stream: trio.SocketStream) -> None:

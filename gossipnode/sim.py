@@ -29,6 +29,7 @@ import torch
 import trio
 import trio.testing
 
+from gossipnode.algorithms import Algorithm
 from gossipnode.clocks import Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.factory import make_algorithm
@@ -110,8 +111,15 @@ class Simulation:
         self._on_sample = on_sample
         self._progress = progress
         self._byzantine = {b.node: b.behaviour for b in options.scenario.byzantine}
-        # One per node: a rule may depend on the node's degree. ValueError if unusable.
-        self.algorithms = [make_algorithm(self._config(i), self.task) for i in range(self.n)]
+        # A rule may depend on a node's degree and role: one per kind of node, not per node
+        # (DADAO's parameters take an eigendecomposition). ValueError if unusable.
+        kinds: dict[tuple[int, str | None], Algorithm] = {}
+        self.algorithms = []
+        for cfg in map(self._config, range(self.n)):
+            kind = (len(cfg.peers), cfg.byzantine)
+            if kind not in kinds:
+                kinds[kind] = make_algorithm(cfg, self.task)
+            self.algorithms.append(kinds[kind])
         self.algorithm = self.algorithms[0]
         if options.allreduce_every and not hasattr(self.algorithm, "with_params"):
             raise ValueError(
@@ -390,8 +398,12 @@ def _multiple(duration: float, period: float) -> bool:
 
 
 def merged_params(params: list[torch.Tensor]) -> torch.Tensor:
-    """The exact average of the models (in float64, then back to their dtype)."""
-    return torch.stack([p.double() for p in params]).mean(0).to(params[0].dtype)
+    """The exact average of the models (summed in float64, then back to their dtype); one
+    float64 model of memory, however many are merged."""
+    total = torch.zeros_like(params[0], dtype=torch.float64)
+    for p in params:
+        total += p
+    return (total / len(params)).to(params[0].dtype)
 
 
 def _netmodel(opts: SimOptions) -> NetModel[Address | None]:

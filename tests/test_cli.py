@@ -73,6 +73,17 @@ def test_a_port_in_use_is_a_listen_error() -> None:
     assert err.count("\n") == 1
 
 
+def test_a_metrics_port_in_use_is_a_metrics_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = invoke(*BASE, "--task", "logreg", "--metrics", f"127.0.0.1:{port}")
+    assert code == 2
+    assert err.startswith(f"gossipnode: error: --metrics: cannot listen on 127.0.0.1:{port}: ")
+    assert err.count("\n") == 1
+
+
 def test_missing_config_file(tmp_path: Path) -> None:
     code, _, err = invoke(*BASE, "--config", str(tmp_path / "nope.toml"))
     assert code == 2

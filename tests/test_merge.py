@@ -4,7 +4,6 @@ side in virtual time, and the command line's usage errors."""
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import trio.testing
 from typer.testing import CliRunner
 
 from gossipnode.cli import app
-from gossipnode.cluster import ring
+from gossipnode.cluster import free_ports, ring
 from gossipnode.connection import ANY_ALGORITHM, Connection, RemoteError
 from gossipnode.learner import flat_buffers, flatten
 from gossipnode.merge import CLIENT_ID, MergeReport, merge_cluster
@@ -30,25 +29,15 @@ from gossipnode.messages import (
     Message,
     Model,
     TensorSpec,
-    from_frame,
-    to_frame,
 )
 from gossipnode.node import Node
 from gossipnode.transport import Address, MemoryNetwork
-from gossipnode.wire import Frame, FrameDecoder, Limits, ProtocolError, encode_bytes
+from gossipnode.wire import Limits, ProtocolError
 
 from .helpers import address, config, make_node, task
+from .test_messages import HELLO, decode, through_the_wire
 
 # ---------------------------------------------------------------------------- messages
-
-
-def through_the_wire(msg: Message) -> Message:
-    fields, tensors = to_frame(msg)
-    decoder = FrameDecoder()
-    decoder.feed(encode_bytes({"sender": -1, "seq": 0, "alg": "gossip", **fields}, tensors))
-    frame = decoder.next_frame()
-    assert frame is not None
-    return from_frame(frame)
 
 
 @pytest.mark.parametrize(
@@ -72,20 +61,6 @@ def test_merge_messages_with_a_model_round_trip(kind: type[Model] | type[Merge])
     assert isinstance(got, kind)
     assert got == kind(9, got.payload)
     assert torch.equal(got.payload[0], params)
-
-
-HELLO = {
-    "type": "hello",
-    "node_id": 1,
-    "session": 5,
-    "task": "t",
-    "signature": "",
-    "payload_spec": [],
-}
-
-
-def decode(header: dict[str, Any]) -> Message:
-    return from_frame(Frame({"v": 1, "sender": 0, "seq": 0, "alg": "gossip", **header}))
 
 
 def test_a_hello_without_a_role_is_a_peers() -> None:
@@ -382,9 +357,7 @@ def test_a_topology_must_give_every_address(tmp_path: Path) -> None:
 
 
 def test_an_unreachable_node_is_named_and_exit_1() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    (port,) = free_ports(1)  # nothing listens here
     code, out, err = invoke("--peers", f"127.0.0.1:{port}", "--timeout", "5")
     assert code == 1
     assert f"127.0.0.1:{port}" in out  # the table's row

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from typing import Any
 
 import trio
@@ -11,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from gossipnode.cli import app
+from gossipnode.cluster import free_ports
 from gossipnode.factory import make_algorithm
 from gossipnode.node import Node
 from gossipnode.transport import Address, TcpTransport
@@ -19,9 +19,8 @@ from .helpers import config, task
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    (port,) = free_ports(1)
+    return port
 
 
 async def get(port: int, path: str, method: str = "GET") -> tuple[str, bytes]:
