@@ -83,13 +83,39 @@ DenseWindow = Annotated[
 ]
 DenseFactor = Annotated[str | None, Opt(help="Gossip rate multiplier in the window.")]
 
+# Who may connect: the same for `run` and `merge`.
+ClusterKey = Annotated[
+    str | None,
+    Opt(help="File of the cluster key (gossipnode keygen); env GOSSIPNODE_CLUSTER_KEY."),
+]
+TlsCert = Annotated[str | None, Opt(help="Mutual TLS: this node's certificate (PEM).")]
+TlsKey = Annotated[str | None, Opt(help="Mutual TLS: its private key (PEM).")]
+TlsCa = Annotated[str | None, Opt(help="Mutual TLS: the cluster's CA certificate (PEM).")]
+Insecure = Annotated[
+    bool | None,
+    Opt("--insecure", help="No authentication: anyone who can connect is a member (local tests)."),
+]
+
 
 @app.command()
 def run(
     node_id: Annotated[str | None, Opt("--id", help="This node's id, 0..num-nodes-1.")] = None,
     num_nodes: Annotated[str | None, Opt(help="Nodes in the cluster (splits the data).")] = None,
     listen: Annotated[str | None, Opt(help="host:port to accept peers on.")] = None,
-    peers: Annotated[str | None, Opt(help="Comma-separated host:port of graph neighbours.")] = None,
+    peers: Annotated[
+        str | None,
+        Opt(help="Comma-separated host:port of seeds: members to join the cluster through."),
+    ] = None,
+    advertise: Annotated[
+        str | None, Opt(help="host:port others reach this node at (default: --listen).")
+    ] = None,
+    degree: Annotated[
+        str | None,
+        Opt(
+            help="Neighbours without --topology: live members picked at random (default: "
+            "as many as --peers)."
+        ),
+    ] = None,
     topology: Annotated[
         str | None, Opt(help="Topology JSON: peers, addresses, edge rates (instead of --peers).")
     ] = None,
@@ -162,6 +188,20 @@ def run(
             help="Start from --out's checkpoint if there is one (an unreadable one is an error).",
         ),
     ] = None,
+    cluster_key: ClusterKey = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = None,
+    handshake_timeout: Annotated[
+        str | None, Opt(help="Seconds an inbound connection has to authenticate (5).")
+    ] = None,
+    max_connections: Annotated[
+        str | None, Opt(help="Inbound connections served at once; more are closed (64).")
+    ] = None,
+    probe_interval: Annotated[
+        str | None, Opt(help="Seconds between failure-detection probes (1).")
+    ] = None,
     json_output: Annotated[bool, Opt("--json", help="Print JSON lines, not text.")] = False,
     config_file: Annotated[Path | None, Opt("--config", help="TOML file of these options.")] = None,
 ) -> None:
@@ -233,6 +273,11 @@ def merge(
         Opt("--allow-missing", help="Merge the nodes that answer; by default all or none."),
     ] = False,
     json_output: Annotated[bool, Opt("--json", help="Print one JSON object, not a table.")] = False,
+    cluster_key: ClusterKey = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_ca: TlsCa = None,
+    insecure: Insecure = None,
 ) -> None:
     """The single global merge of a running cluster: average the models of every node exactly;
     each node re-estimates BatchNorm statistics on its data and writes the merged model next
@@ -245,6 +290,7 @@ def merge(
     try:
         addresses = merge_addresses(peers, topology)
         step_timeout = _positive("--timeout", timeout)
+        credentials = _credentials(cluster_key, tls_cert, tls_key, tls_ca, insecure)
     except ConfigError as exc:
         fail(str(exc))
     if algorithm is not None and algorithm not in ALGORITHMS:
@@ -256,6 +302,7 @@ def merge(
         algorithm=algorithm or ANY_ALGORITHM,
         step_timeout=step_timeout,
         allow_missing=allow_missing,
+        credentials=credentials,
     )
     if json_output:
         print(json.dumps(report.to_json()))
@@ -489,6 +536,38 @@ def status(
             f"{p['address']:<22}{p['node'] if p['node'] is not None else '-'!s:<6}{state:<12}"
             f"{p['rate_planned']:<11.3g}{p['rate_achieved']:<11.3g}{p['exchanges']}"
         )
+
+
+@app.command()
+def keygen(
+    out: Annotated[Path, Opt(help="Where to write the new key (mode 600; never overwritten).")],
+) -> None:
+    """Make a cluster key: every node (and merge client) given it may join; no one else."""
+    from gossipnode.config import ConfigError
+    from gossipnode.credentials import write_key
+
+    try:
+        write_key(out)
+    except ConfigError as exc:
+        fail(str(exc))
+    print(f"wrote a new cluster key to {out}; give it to every node with --cluster-key {out}")
+
+
+def _credentials(
+    cluster_key: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_ca: str | None,
+    insecure: bool | None,
+) -> Any:
+    """A client's credentials from its flags (or GOSSIPNODE_*), checked as ``run`` checks."""
+    from gossipnode.config import resolve_security
+    from gossipnode.credentials import load
+
+    flags: dict[str, object] = {"cluster_key": cluster_key, "tls_cert": tls_cert}
+    flags |= {"tls_key": tls_key, "tls_ca": tls_ca, "insecure": insecure}
+    paths = resolve_security(flags, os.environ)
+    return load(*paths)
 
 
 @app.command()

@@ -23,11 +23,13 @@ import torch
 import trio
 from torch.nn.utils import vector_to_parameters
 
+from gossipnode.credentials import write_key
 from gossipnode.daemon import INITIAL_MODEL_FILE, MODEL_FILE, SUMMARY_FILE, load_model
 from gossipnode.learner import consensus_distance
 from gossipnode.tasks import load_task
 
 GRACE = 30.0  # seconds a node may take beyond its duration to stop and save
+KEY_FILE = "cluster.key"
 
 
 def free_ports(n: int) -> list[int]:
@@ -51,10 +53,22 @@ def ring(n: int) -> list[list[int]]:
     return [[(i - 1) % n, (i + 1) % n] for i in range(n)]
 
 
+def cluster_key(out: Path) -> Path:
+    """The cluster key of the nodes writing to ``out``, made there the first time."""
+    path = out / KEY_FILE
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        write_key(path)
+    return path
+
+
 def node_command(
     i: int, ports: Sequence[int], neighbours: Sequence[int], out: Path, options: dict[str, Any]
 ) -> list[str]:
-    """The ``gossipnode run`` command line of node ``i``."""
+    """The ``gossipnode run`` command line of node ``i``: a member by ``out``'s cluster key
+    unless ``options`` say how else."""
+    if not {"insecure", "cluster_key", "tls_cert"} & options.keys():
+        options = {**options, "cluster_key": cluster_key(out)}
     cmd = [
         sys.executable,
         "-m",

@@ -72,6 +72,19 @@ class NodeConfig:
     metrics: Address | None = None  # serve /metrics and /status here
     checkpoint_every: float = 30.0  # seconds between checkpoints in --out; 0 = only at the end
     resume: bool = False  # start from --out's checkpoint, if there is one
+    # Who may talk to this node: holders of the cluster key, and/or of a certificate of the
+    # cluster's CA. --insecure (anyone) must be asked for (``resolve`` checks it).
+    cluster_key: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    insecure: bool = False
+    handshake_timeout: float = 5.0  # seconds an inbound connection has to authenticate
+    max_connections: int = 64  # inbound connections served at once; more are closed
+    # Membership: --peers are seeds; the node tells the cluster it is at --advertise.
+    advertise: Address | None = None  # default: --listen (which must then not be 0.0.0.0)
+    degree: int | None = None  # neighbours without a topology; default: as many as --peers
+    probe_interval: float = 1.0  # seconds between failure-detection probes; 0 = no membership
     byzantine: str | None = None  # evaluation only: this node attacks (byzantine.BEHAVIOURS)
     graph: Topology | None = None  # the --topology file, loaded
     # Exchanges per second this node initiates towards each peer (from a topology's rates);
@@ -272,9 +285,20 @@ OPTIONS = {
         Option("checkpoint_every", "checkpoint_every", _float()),
         Option("metrics", "metrics", _address),
         Option("resume", "resume", _bool),
+        Option("cluster_key", "cluster_key", _path),
+        Option("tls_cert", "tls_cert", _path),
+        Option("tls_key", "tls_key", _path),
+        Option("tls_ca", "tls_ca", _path),
+        Option("insecure", "insecure", _bool),
+        Option("handshake_timeout", "handshake_timeout", _float(allow_zero=False)),
+        Option("max_connections", "max_connections", _int(1)),
+        Option("advertise", "advertise", _address),
+        Option("degree", "degree", _int(1)),
+        Option("probe_interval", "probe_interval", _float()),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")
+SECURITY = ("cluster_key", "tls_cert", "tls_key", "tls_ca", "insecure")
 
 
 def flag(name: str) -> str:
@@ -346,7 +370,7 @@ def _from_topology(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise ConfigError(f"{sources['peers']}: give --peers or --topology, not both")
     if values.setdefault("num_nodes", topo.n) != topo.n:
         raise ConfigError(f"{sources['num_nodes']}: the topology has {topo.n} nodes")
-    for derived in ("num_nodes", "listen", "peers"):
+    for derived in ("num_nodes", "listen", "advertise", "peers"):
         sources.setdefault(derived, where)
     node = values.get("node_id")
     if node is None:
@@ -357,8 +381,9 @@ def _from_topology(values: dict[str, Any], sources: dict[str, str]) -> None:
             f"{topo.n} (ids are 0..{topo.n - 1})"
         )
     try:
-        if "listen" not in values and node in topo.addresses:
-            values["listen"] = Address.parse(topo.addresses[node])
+        if node in topo.addresses:
+            values.setdefault("advertise", Address.parse(topo.addresses[node]))
+            values.setdefault("listen", Address.parse(topo.addresses[node]))
         rates = {}
         for j in topo.neighbours(node):
             if j not in topo.addresses:
@@ -388,6 +413,58 @@ def _check(config: NodeConfig, source: Mapping[str, str]) -> None:
         raise ConfigError(f"{source['dense_window']}: a dense window needs --duration")
     if config.listen in config.peers:
         raise ConfigError(f"{source['peers']}: lists this node's own address {config.listen}")
+    _check_security({name: getattr(config, name) for name in SECURITY}, source)
+    wildcard = config.listen.host in ("0.0.0.0", "::", "")
+    if config.probe_interval > 0 and config.advertise is None and wildcard:
+        raise ConfigError(
+            f"{source['listen']}: {config.listen} is no address other nodes can reach; "
+            "give --advertise HOST:PORT (or --probe-interval 0 for no membership)"
+        )
+    if config.advertise is not None and config.advertise in config.peers:
+        raise ConfigError(f"{source['peers']}: lists this node's own address {config.advertise}")
+
+
+def _check_security(values: Mapping[str, Any], source: Mapping[str, str]) -> None:
+    """Authentication is on (a cluster key, mutual TLS, or both), or explicitly off."""
+    tls = [n for n in ("tls_cert", "tls_key", "tls_ca") if values.get(n) is not None]
+    if tls and len(tls) < 3:
+        missing = ", ".join(flag(n) for n in ("tls_cert", "tls_key", "tls_ca") if n not in tls)
+        raise ConfigError(f"{source[tls[0]]}: TLS needs all three files; also give {missing}")
+    key = values.get("cluster_key") is not None
+    if values.get("insecure") and (tls or key):
+        raise ConfigError(
+            f"{source['insecure']}: --insecure turns authentication off; drop it, or drop "
+            "--cluster-key and the --tls-* files"
+        )
+    if not (values.get("insecure") or tls or key):
+        raise ConfigError(
+            "no authentication: give --cluster-key FILE (or GOSSIPNODE_CLUSTER_KEY; make one "
+            "with `gossipnode keygen --out cluster.key`), mutual TLS with --tls-cert, "
+            "--tls-key and --tls-ca, or --insecure for a local experiment"
+        )
+
+
+def resolve_security(
+    flags: Mapping[str, object | None], env: Mapping[str, str]
+) -> tuple[Path | None, Path | None, Path | None, Path | None]:
+    """A client's cluster key and TLS files (flags > env), checked as for a node."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in SECURITY:
+        value, where = flags.get(name), flag(name)
+        if value is None:
+            value, where = env.get(ENV_PREFIX + name.upper()), ENV_PREFIX + name.upper()
+        if value is not None:
+            try:
+                values[name] = OPTIONS[name].parse(value)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            sources[name] = where
+    _check_security(values, sources)
+    if values.get("insecure"):
+        return None, None, None, None
+    get = values.get
+    return get("cluster_key"), get("tls_cert"), get("tls_key"), get("tls_ca")
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -13,7 +13,18 @@ from typing import Protocol
 
 import trio
 
-from gossipnode.messages import CLIENT, Error, Hello, Message, from_frame, to_frame
+from gossipnode import auth
+from gossipnode.messages import (
+    CLIENT,
+    Challenge,
+    Error,
+    Hello,
+    Message,
+    Proof,
+    Response,
+    from_frame,
+    to_frame,
+)
 from gossipnode.transport import Stream, TransportError
 from gossipnode.wire import (
     Allocator,
@@ -35,6 +46,14 @@ class RemoteError(Exception):
 
 class ConnectionClosed(TransportError):
     """The peer closed the connection."""
+
+
+class AuthError(ProtocolError):
+    """The peer did not prove that it holds the cluster key."""
+
+
+# What a peer may make us buffer before it has authenticated and said Hello: no tensors.
+HANDSHAKE_LIMITS = Limits(max_header_bytes=16 * 1024, max_body_bytes=0, max_tensors=0)
 
 
 class Meter(Protocol):
@@ -68,7 +87,8 @@ class Connection:
         self.algorithm = algorithm
         self.peer_id: int | None = None  # set from the first frame received
         self.meter = meter if meter is not None else _Bytes()
-        self._decoder = FrameDecoder(limits, allocate)
+        self._limits = limits
+        self._decoder = FrameDecoder(HANDSHAKE_LIMITS, allocate)
         self._seq = 0
         self._peer_seq = -1
 
@@ -95,9 +115,49 @@ class Connection:
         self._check_envelope(frame, msg)
         return msg
 
+    async def authenticate(self, key: bytes | None, *, dialer: bool) -> None:
+        """Prove to the peer that we hold ``key`` and check that it does (``auth``); nothing
+        without a key. Raises AuthError, or RemoteError if the peer refused us."""
+        if key is None:
+            return
+        if dialer:
+            ours = auth.nonce()
+            await self.send(Challenge(ours))
+            response = await self.receive()
+            if not isinstance(response, Response):
+                raise ProtocolError(f"expected Response, got {type(response).__name__}")
+            ids = (ours, response.nonce, self.node_id, self._known_peer())
+            if not auth.verify(auth.proof(key, auth.LISTENER, *ids), response.proof):
+                raise AuthError("the peer does not hold the cluster key")
+            await self.send(Proof(auth.proof(key, auth.DIALER, *ids)))
+            return
+        challenge = await self.receive()
+        if isinstance(challenge, Hello):
+            raise AuthError("the peer did not authenticate (it has no cluster key?)")
+        if not isinstance(challenge, Challenge):
+            raise ProtocolError(f"expected Challenge, got {type(challenge).__name__}")
+        ours = auth.nonce()
+        ids = (challenge.nonce, ours, self._known_peer(), self.node_id)
+        await self.send(Response(ours, auth.proof(key, auth.LISTENER, *ids)))
+        proof = await self.receive()
+        if not isinstance(proof, Proof):
+            raise ProtocolError(f"expected Proof, got {type(proof).__name__}")
+        if not auth.verify(auth.proof(key, auth.DIALER, *ids), proof.proof):
+            raise AuthError("wrong cluster key")
+
+    def admit(self) -> None:
+        """The handshake is done: from now on the peer may send frames up to our limits."""
+        self._decoder.limits = self._limits
+
+    def _known_peer(self) -> int:
+        assert self.peer_id is not None  # set by the first frame received
+        return self.peer_id
+
     @property
     def peer_name(self) -> str:
-        return "an unidentified peer" if self.peer_id is None else f"node {self.peer_id}"
+        where = f" at {self.stream.remote}" if self.stream.remote else ""
+        who = "an unidentified peer" if self.peer_id is None else f"node {self.peer_id}"
+        return who + where
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True), contextlib.suppress(TransportError):
@@ -107,7 +167,7 @@ class Connection:
         header = frame.header
         if self.algorithm == ANY_ALGORITHM and self.peer_id is None:
             self.algorithm = header["alg"]  # a merge client learns the cluster's from its node
-        elif header["alg"] == ANY_ALGORITHM and isinstance(msg, Hello) and msg.role == CLIENT:
+        elif header["alg"] == ANY_ALGORITHM and _may_be_a_client(msg):
             pass  # a client that has not learnt it yet: it gets no gossip state anyway
         elif header["alg"] != self.algorithm:
             raise ProtocolError(
@@ -151,3 +211,9 @@ class Connection:
                 self._decoder.feed(data)
         self.meter.bytes_received += n
         return n
+
+
+def _may_be_a_client(msg: Message) -> bool:
+    """Whether ``msg`` may come from a merge client, which sends no algorithm until it has
+    met a node: its authentication and its Hello."""
+    return isinstance(msg, Challenge | Proof) or (isinstance(msg, Hello) and msg.role == CLIENT)

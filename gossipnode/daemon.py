@@ -20,7 +20,7 @@ from typing import IO, Any
 import torch
 import trio
 
-from gossipnode import checkpoint
+from gossipnode import checkpoint, credentials
 from gossipnode.config import ConfigError, NodeConfig
 from gossipnode.factory import make_algorithm
 from gossipnode.node import Emit, Node
@@ -47,7 +47,14 @@ def build_node(config: NodeConfig, emit: Emit) -> Node:
         algorithm = make_algorithm(config, task)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    transport = TcpTransport(connect_timeout=config.exchange_timeout)
+    creds = credentials.load(config.cluster_key, config.tls_cert, config.tls_key, config.tls_ca)
+    if creds.insecure:
+        log.warning(
+            "node %d runs with --insecure: anyone who can reach %s can join and send models",
+            config.node_id,
+            config.listen,
+        )
+    transport = TcpTransport(connect_timeout=config.exchange_timeout, tls=creds.tls)
     path = config.out / checkpoint.FILE if config.out is not None else None
     resume = _checkpoint_to_resume(path) if config.resume and path is not None else None
     try:
@@ -62,6 +69,7 @@ def build_node(config: NodeConfig, emit: Emit) -> Node:
             keep_merged=_merged_keeper(config.out),
             checkpoint_path=path,
             resume=resume,
+            cluster_key=creds.key,
         )
     except ValueError as exc:
         raise ConfigError(f"--resume: {path}: {exc}" if resume else str(exc)) from None

@@ -62,7 +62,7 @@ def _dadao(config: NodeConfig, task: Task) -> Dadao:
 
 
 def _cached(config: NodeConfig, task: Task) -> Algorithm:
-    degree, age = len(config.peers), config.cache_age
+    degree, age = config.degree or len(config.peers), config.cache_age
     if config.algorithm == "monna":
         if config.byzantine_budget and 2 * config.byzantine_budget >= degree + 1:
             raise ValueError(

@@ -28,6 +28,7 @@ import trio
 from gossipnode import topology as topologies
 from gossipnode.config import ConfigError
 from gossipnode.connection import Connection, RemoteError
+from gossipnode.credentials import Credentials
 from gossipnode.messages import (
     CLIENT,
     Fetch,
@@ -174,15 +175,21 @@ def merge_addresses(peers: str | None, topology: Path | None) -> list[Address]:
 
 
 async def run_merge(
-    addresses: Sequence[Address], *, algorithm: str, step_timeout: float, allow_missing: bool
+    addresses: Sequence[Address],
+    *,
+    algorithm: str,
+    step_timeout: float,
+    allow_missing: bool,
+    credentials: Credentials,
 ) -> MergeReport:
-    """``merge_cluster`` over TCP."""
+    """``merge_cluster`` over TCP (or TLS), as a holder of the cluster's ``credentials``."""
     return await merge_cluster(
         addresses,
-        transport=TcpTransport(connect_timeout=step_timeout),
+        transport=TcpTransport(connect_timeout=step_timeout, tls=credentials.tls),
         algorithm=algorithm,
         step_timeout=step_timeout,
         allow_missing=allow_missing,
+        key=credentials.key,
     )
 
 
@@ -194,11 +201,12 @@ async def merge_cluster(
     step_timeout: float,
     allow_missing: bool = False,
     limits: Limits | None = None,
+    key: bytes | None = None,
 ) -> MergeReport:
     """Merge the nodes at ``addresses``, which run ``algorithm``; each step of each node
     (handshake, fetch, merge) must finish within ``step_timeout`` seconds."""
     report = MergeReport(secrets.randbits(63), [NodeMerge(a) for a in addresses])
-    client = _Client(transport, algorithm, step_timeout, limits or Limits())
+    client = _Client(transport, algorithm, step_timeout, limits or Limits(), key)
     try:
         # The first node that answers says what the cluster trains; the others must agree.
         first = None
@@ -246,8 +254,16 @@ def _refuse_duplicates(nodes: list[NodeMerge]) -> None:
 
 
 class _Client:
-    def __init__(self, transport: Transport, algorithm: str, timeout: float, limits: Limits):
+    def __init__(
+        self,
+        transport: Transport,
+        algorithm: str,
+        timeout: float,
+        limits: Limits,
+        key: bytes | None,
+    ) -> None:
         self.transport = transport
+        self.key = key
         self.algorithm = algorithm
         self.timeout = timeout
         self.limits = limits
@@ -278,6 +294,7 @@ class _Client:
         node.conn = Connection(
             stream, node_id=CLIENT_ID, algorithm=self.algorithm, limits=self.limits
         )
+        await node.conn.authenticate(self.key, dialer=True)
         known = self.cluster
         await node.conn.send(
             Hello(
@@ -292,6 +309,7 @@ class _Client:
         hello = _expect(await node.conn.receive(), Hello)
         if hello.role == CLIENT or len(hello.payload_spec) != 1:
             raise ProtocolError("the answer is not a node's Hello")
+        node.conn.admit()
         node.node = hello.node_id
         if self.cluster is None:
             self.cluster = hello

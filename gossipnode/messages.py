@@ -3,6 +3,9 @@
 A conversation on one connection::
 
     dialer                               listener
+    Challenge(nonce)                   ->                        (with a cluster key: ``auth``)
+                                      <- Response(nonce, proof)
+    Proof(proof)                       ->
     Hello(node_id, session, task,      ->
           signature, payload_spec)
                                       <- Hello(...)            (or Error, then close)
@@ -38,6 +41,8 @@ from typing import Any
 
 import torch
 
+from gossipnode.auth import NONCE_BYTES, PROOF_BYTES
+from gossipnode.membership import Status, Update
 from gossipnode.wire import DTYPE_NAMES, DTYPES, Frame, Payload, ProtocolError
 
 
@@ -56,6 +61,7 @@ class TensorSpec:
         return cls(tensor.dtype, tuple(tensor.shape))
 
 
+STATUSES = {s.value for s in Status}
 PEER = "peer"
 CLIENT = "client"  # a merge client: fetches and merges models, never gossips
 ROLES = (PEER, CLIENT)
@@ -69,6 +75,28 @@ class Hello:
     signature: str  # the algorithm's parameters that both ends must share
     payload_spec: tuple[TensorSpec, ...]
     role: str = PEER  # absent on the wire: a peer
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A dialer with the cluster key opens with this (see ``auth``)."""
+
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """The listener's proof that it holds the key, and its own challenge."""
+
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """The dialer's proof that it holds the key."""
+
+    proof: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +143,47 @@ class Merged:
 
 
 @dataclass(frozen=True, slots=True)
+class Ping:
+    """Are you there? (failure detection); carries membership news both ways."""
+
+    probe_id: int
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    """Probe ``target`` at ``address`` for me, and tell me if it answered."""
+
+    probe_id: int
+    target: int
+    address: str
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    probe_id: int
+    ok: bool  # to a PingReq: whether the target answered
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """All a node knows of the cluster; answered with the same (joins, partitions healing)."""
+
+    updates: tuple[Update, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     """Sent before closing a connection because of the peer's fault; the reason is for humans."""
 
     reason: str
 
 
-Message = Hello | Exchange | Reply | Busy | Fetch | Model | Merge | Merged | Error
+Message = (
+    Challenge | Response | Proof | Hello | Exchange | Reply | Busy | Fetch | Model | Merge | Merged
+) | (Ping | PingReq | Ack | Sync | Error)
 
 
 def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
@@ -138,6 +200,12 @@ def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
                 "role": role,
             }
             return {"type": "hello", **fields}, ()
+        case Challenge(nonce):
+            return {"type": "challenge", "nonce": nonce}, ()
+        case Response(nonce, proof):
+            return {"type": "response", "nonce": nonce, "proof": proof}, ()
+        case Proof(proof):
+            return {"type": "proof", "proof": proof}, ()
         case Exchange(exchange_id, payload):
             return {"type": "exchange", "exchange_id": exchange_id}, payload
         case Reply(exchange_id, payload):
@@ -153,6 +221,16 @@ def to_frame(msg: Message) -> tuple[dict[str, Any], Payload]:
         case Merged(merge_id, local, merged, saved):
             fields = {"merge_id": merge_id, "local": local, "merged": merged, "saved": saved}
             return {"type": "merged", **fields}, ()
+        case Ping(probe_id, updates):
+            return {"type": "ping", "probe_id": probe_id, "updates": _table(updates)}, ()
+        case PingReq(probe_id, target, address, updates):
+            fields = {"probe_id": probe_id, "target": target, "address": address}
+            return {"type": "ping_req", **fields, "updates": _table(updates)}, ()
+        case Ack(probe_id, ok, updates):
+            fields = {"probe_id": probe_id, "ok": ok, "updates": _table(updates)}
+            return {"type": "ack", **fields}, ()
+        case Sync(updates):
+            return {"type": "sync", "updates": _table(updates)}, ()
         case Error(reason):
             return {"type": "error", "reason": reason}, ()
 
@@ -170,6 +248,12 @@ def from_frame(frame: Frame) -> Message:
                 _spec(h.get("payload_spec")),
                 _role(h.get("role", PEER)),
             )
+        case "challenge":
+            return Challenge(_bytes(h, "nonce", NONCE_BYTES))
+        case "response":
+            return Response(_bytes(h, "nonce", NONCE_BYTES), _bytes(h, "proof", PROOF_BYTES))
+        case "proof":
+            return Proof(_bytes(h, "proof", PROOF_BYTES))
         case "exchange":
             return Exchange(_int(h, "exchange_id"), frame.tensors)
         case "reply":
@@ -186,6 +270,17 @@ def from_frame(frame: Frame) -> Message:
             return Merged(
                 _int(h, "merge_id"), _metrics(h, "local"), _metrics(h, "merged"), _str(h, "saved")
             )
+        case "ping":
+            return Ping(_int(h, "probe_id"), _updates(h))
+        case "ping_req":
+            return PingReq(_int(h, "probe_id"), _int(h, "target"), _str(h, "address"), _updates(h))
+        case "ack":
+            ok = h.get("ok")
+            if not isinstance(ok, bool):
+                raise ProtocolError(f"field 'ok' must be true or false, got {ok!r}")
+            return Ack(_int(h, "probe_id"), ok, _updates(h))
+        case "sync":
+            return Sync(_updates(h))
         case "error":
             return Error(_str(h, "reason"))
         case other:
@@ -221,6 +316,37 @@ def _str(h: dict[str, Any], key: str) -> str:
     if not isinstance(value, str):
         raise ProtocolError(f"field {key!r} must be a string, got {value!r}")
     return value
+
+
+def _bytes(h: dict[str, Any], key: str, size: int) -> bytes:
+    value = h.get(key)
+    if not isinstance(value, bytes) or len(value) != size:
+        raise ProtocolError(f"field {key!r} must be {size} bytes, got {value!r:.80}")
+    return value
+
+
+def _table(updates: tuple[Update, ...]) -> list[list[Any]]:
+    return [[u.node, u.address, u.incarnation, u.status.value] for u in updates]
+
+
+def _updates(h: dict[str, Any]) -> tuple[Update, ...]:
+    table = h.get("updates")
+    if not isinstance(table, list):
+        raise ProtocolError("field 'updates' must be a list")
+    updates = []
+    for row in table:
+        ok = (
+            isinstance(row, list)
+            and len(row) == 4
+            and all(isinstance(row[i], int) and not isinstance(row[i], bool) for i in (0, 2))
+            and isinstance(row[1], str)
+            and row[2] >= 0
+            and row[3] in STATUSES
+        )
+        if not ok:
+            raise ProtocolError(f"bad membership update {row!r:.200}")
+        updates.append(Update(row[0], row[1], row[2], Status(row[3])))
+    return tuple(updates)
 
 
 def _role(value: object) -> str:

@@ -53,9 +53,11 @@ from gossipnode.clocks import Backoff, PoissonClock, Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
 from gossipnode.learner import Learner
+from gossipnode.membership import Membership, Status
 from gossipnode.messages import (
     CLIENT,
     Busy,
+    Challenge,
     Error,
     Exchange,
     Fetch,
@@ -64,12 +66,16 @@ from gossipnode.messages import (
     Merged,
     Message,
     Model,
+    Ping,
+    PingReq,
     Reply,
+    Sync,
     TensorSpec,
     check_payload,
 )
 from gossipnode.observe import routes_for, serve_http
 from gossipnode.stats import Outcome, Stats
+from gossipnode.swim import Swim
 from gossipnode.tasks import Task
 from gossipnode.transport import Address, Stream, Transport, TransportError
 from gossipnode.wire import BufferPool, Payload, ProtocolError
@@ -106,6 +112,7 @@ class Peer:
     pending: Pending | None = None
     up: bool = True  # last connection attempt worked; logs only the transitions
     exchanges: int = 0  # initiated here and applied at both ends
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # its edge loop's
 
 
 @dataclass(eq=False)
@@ -125,6 +132,7 @@ class Node:
     keep_merged: Callable[[dict[str, torch.Tensor]], str] | None = None
     checkpoint_path: Path | None = None  # written every --checkpoint-every s and at the end
     resume: Checkpoint | None = None  # where to start from instead of a fresh model
+    cluster_key: bytes | None = None  # None: anyone may connect (--insecure, or in-process)
 
     stats: Stats = field(default_factory=Stats, init=False)
     address: Address | None = field(default=None, init=False)  # bound, once serving
@@ -147,16 +155,9 @@ class Node:
         self.state = self.algorithm.init(self.initial_params)
         self.spec = tuple(TensorSpec.of(t) for t in self.algorithm.payload(self.state, 0.0))
         self.model_spec = (TensorSpec.of(self.algorithm.params(self.state, 0.0)),)
-        self.peers = [
-            Peer(
-                addr,
-                cfg.clock_rates.get(addr, cfg.gossip_rate / 2),
-                self._rng("edge", str(addr)),
-                Backoff(self._rng("backoff", str(addr))),
-            )
-            for addr in cfg.peers
-        ]
+        self.peers = [self._new_peer(addr) for addr in cfg.peers]
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
+        self._inbound = 0  # connections being served
         self._buffers = BufferPool()  # receive buffers, shared by all connections
         self._initiating = False
         self._mixes = 0
@@ -168,6 +169,11 @@ class Node:
         self._sessions: dict[int, int] = {}  # peer id -> its session, as last seen
         self._resumed_at = 0.0  # the clock of the checkpoint resumed from
         self.evaluation: dict[str, float] = {}  # the latest held-out metrics (progress loop)
+        self.membership: Membership | None = None  # once serving, if --probe-interval > 0
+        self._swim: Swim | None = None
+        self._nursery: trio.Nursery | None = None
+        self.caught_up_from: int | None = None  # whose model a fresh node started from
+        self._begun = False  # training and gossip have started
         if self.resume is not None:
             self._resume_from(self.resume)
 
@@ -181,13 +187,12 @@ class Node:
         try:
             with self._cancel, trio.move_on_after(self.config.duration or math.inf):
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     self.address = await nursery.start(
                         self.transport.serve, self.config.listen, self._serve_peer
                     )
                     log.info("node %d listening on %s", self.config.node_id, self.address)
-                    nursery.start_soon(self._compute_loop)
-                    for peer in self.peers:
-                        nursery.start_soon(self._edge_loop, peer)
+                    nursery.start_soon(self._begin)
                     if self.config.progress_every > 0:
                         nursery.start_soon(self._progress_loop)
                     if self.config.metrics is not None:
@@ -204,11 +209,143 @@ class Node:
             with trio.CancelScope(shield=True):
                 for peer in self.peers:
                     await self._disconnect(peer)
+                if self._swim is not None:
+                    await self._swim.close()
                 if self.checkpoint_path is not None:  # the state where it stopped
                     await self._offload(checkpoint.save, self.checkpoint_path, self.checkpoint())
         summary = await self.summary()
         self.emit("summary", summary)
         return summary
+
+    async def _begin(self) -> None:
+        """Join the cluster (with membership), catch up if late, then train and gossip."""
+        if self.config.probe_interval > 0:
+            await self._join()
+        if self.membership is not None and self.resume is None:
+            with trio.move_on_after(self.config.exchange_timeout):
+                await self._catch_up()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._compute_loop)
+        self._begun = True
+        for peer in self.peers:
+            self._start_edge(peer)
+
+    # ------------------------------------------------------------------ membership
+
+    async def _join(self) -> None:
+        cfg = self.config
+        assert self.address is not None
+        assert self._nursery is not None
+        self.membership = Membership(
+            cfg.node_id, str(cfg.advertise or self.address), probe_interval=cfg.probe_interval
+        )
+        self._swim = Swim(
+            self.membership,
+            self._dial,
+            self._rng("membership"),
+            seeds=cfg.peers,
+            sync_every=max(5 * cfg.probe_interval, 2.0),
+            on_change=self._membership_changed,
+        )
+        with trio.move_on_after(cfg.exchange_timeout):
+            if cfg.peers and not await self._swim.join():
+                log.warning("node %d: no seed answered yet; retrying", cfg.node_id)
+        self._nursery.start_soon(self._swim.run)
+        self._membership_changed()
+
+    def _membership_changed(self) -> None:
+        """Without a topology the neighbours are live members picked at random: replace dead
+        ones, fill up to the degree."""
+        view = self.membership
+        if view is None or self.config.graph is not None or self._nursery is None:
+            return
+        for peer in list(self.peers):
+            if self._dead(peer):
+                log.warning(
+                    "node %d: dropping neighbour %s: dead", self.config.node_id, peer.address
+                )
+                self._remove_peer(peer)
+        want = (self.config.degree or len(self.config.peers)) - len(self.peers)
+        taken = {p.node_id for p in self.peers} | {str(p.address) for p in self.peers}
+        free = [m for m in view.live() if m.status == Status.ALIVE]
+        free = [m for m in free if m.node not in taken and m.address not in taken]
+        rng = self._rng("neighbours", str(len(view.members)), str(view.incarnation))
+        for member in rng.sample(free, max(0, min(want, len(free)))):
+            log.info(
+                "node %d: new neighbour %d at %s", self.config.node_id, member.node, member.address
+            )
+            peer = self._new_peer(Address.parse(member.address))
+            peer.node_id = member.node
+            self.peers.append(peer)
+            self._start_edge(peer)
+
+    def _dead(self, peer: Peer) -> bool:
+        view = self.membership
+        status = view and view.status_of(peer.node_id, str(peer.address))
+        return status == Status.DEAD
+
+    def _new_peer(self, address: Address) -> Peer:
+        rate = self.config.clock_rates.get(address, self.config.gossip_rate / 2)
+        rng = self._rng("edge", str(address))
+        return Peer(address, rate, rng, Backoff(self._rng("backoff", str(address))))
+
+    def _start_edge(self, peer: Peer) -> None:
+        """Run ``peer``'s gossip clock until it is removed (once training has begun)."""
+        if self._nursery is None or not self._begun:
+            return
+
+        async def edge() -> None:
+            with peer.scope:
+                await self._edge_loop(peer)
+
+        self._nursery.start_soon(edge)
+
+    def _remove_peer(self, peer: Peer) -> None:
+        self.peers.remove(peer)
+        peer.scope.cancel()
+        if peer.pending is not None:
+            self.stats.count(Outcome.ONE_SIDED)
+        if peer.conn is not None:  # closed by its edge loop's exit; drop it here too
+            conn, peer.conn = peer.conn, None
+            assert self._nursery is not None
+            self._nursery.start_soon(conn.aclose)
+
+    async def _catch_up(self) -> None:
+        """A fresh node takes the model of a neighbour that has trained, before it trains
+        itself (the rules that allow replacing the model: all but dadao)."""
+        with_params = getattr(self.algorithm, "with_params", None)
+        if with_params is None:
+            return
+        for peer in self._rng("catch-up").sample(self.peers, len(self.peers)):
+            model = await self._fetch(peer)
+            if model is None or model.gradients == 0:
+                continue
+            self.state = with_params(self.state, model.payload[0])
+            self.caught_up_from = peer.node_id
+            log.info(
+                "node %d: starting from node %s's model (%d gradients in)",
+                self.config.node_id,
+                peer.node_id,
+                model.gradients,
+            )
+            return
+
+    async def _fetch(self, peer: Peer) -> Model | None:
+        conn = await self._connection(peer)
+        if conn is None:
+            return None
+        try:
+            with trio.fail_after(self.config.exchange_timeout):
+                await conn.send(Fetch())
+                model = await conn.receive()
+            if not isinstance(model, Model):
+                raise ProtocolError(f"expected Model, got {type(model).__name__}")
+            check_payload(model.payload, self.model_spec)
+            return model
+        except (trio.TooSlowError, TransportError, ProtocolError, RemoteError) as exc:
+            log.info("node %d: no model from %s: %s", self.config.node_id, peer.address, exc)
+            await self._disconnect(peer)
+            return None
 
     def stop(self) -> None:
         """Stop soon: an exchange in flight may finish (within its timeout), then all ends."""
@@ -380,6 +517,9 @@ class Node:
             dense = schedule.multiplier(self.now())
             if schedule.window and peer.rng.random() * schedule.peak >= dense:
                 continue  # outside the dense window: thinned to the base rate
+            if self._dead(peer):  # declared dead by the cluster: no point dialing
+                self.stats.count(Outcome.SKIPPED_UNREACHABLE)
+                continue
             if self._initiating:  # Poisson thinning: one exchange of ours at a time
                 self.stats.count(Outcome.SKIPPED_BUSY)
                 continue
@@ -486,8 +626,10 @@ class Node:
     async def _dial(self, address: Address) -> Connection:
         conn = self._connection_for(await self.transport.connect(address))
         try:
+            await conn.authenticate(self.cluster_key, dialer=True)
             await conn.send(self._hello())
-            self._check_hello(await conn.receive())
+            self._check_hello(conn, await conn.receive())
+            conn.admit()
         except BaseException:
             await conn.aclose()
             raise
@@ -504,29 +646,29 @@ class Node:
         """Answer one dialer: a handshake, then its exchanges (or a merge client's requests),
         until it goes or misbehaves."""
         conn = self._connection_for(stream)
-        timeout = self.config.exchange_timeout
+        if self._inbound >= self.config.max_connections:
+            self.stats.over_limit += 1
+            log.log(
+                _level(self.stats.over_limit),
+                "node %d: %d connections open; closing the one from %s (%d so far)",
+                self.config.node_id,
+                self._inbound,
+                stream.remote or "?",
+                self.stats.over_limit,
+            )
+            await conn.aclose()
+            return
+        self._inbound += 1
         try:
-            with _within(timeout, ProtocolError, "no handshake"):
-                hello = self._check_hello(await conn.receive(), client_ok=True)
-                await conn.send(self._hello(for_client=hello.role == CLIENT))
+            hello = await self._handshake(conn)
+            if hello is None:
+                return
             if hello.role == CLIENT:
                 await self._serve_client(conn)
                 return
-            while True:
-                msg = await conn.receive(frame_timeout=timeout)
-                if not isinstance(msg, Exchange):
-                    raise ProtocolError(f"unexpected {type(msg).__name__} from a dialer")
-                await self._answer(conn, hello.node_id, msg)
+            await self._serve_exchanges(conn, hello.node_id)
         except ProtocolError as exc:
-            reason = str(exc)
-            self.stats.count(Outcome.REJECTED)
-            log.warning(
-                "node %d: dropping connection from %s: %s",
-                self.config.node_id,
-                conn.peer_name,
-                reason,
-            )
-            await self._send_error(conn, reason)
+            await self._drop(conn, str(exc))
         except RemoteError as exc:
             log.warning("node %d: %s refused us: %s", self.config.node_id, conn.peer_name, exc)
         except TransportError as exc:
@@ -534,7 +676,60 @@ class Node:
                 "node %d: connection from %s ended: %s", self.config.node_id, conn.peer_name, exc
             )
         finally:
+            self._inbound -= 1
             await conn.aclose()
+
+    async def _handshake(self, conn: Connection) -> Hello | None:
+        """The dialer's Hello once it has authenticated, within --handshake-timeout; None
+        (counted, logged with its address) if it did not."""
+        try:
+            with _within(self.config.handshake_timeout, ProtocolError, "no handshake"):
+                await conn.authenticate(self.cluster_key, dialer=False)
+                hello = self._check_hello(conn, await conn.receive(), client_ok=True)
+                conn.admit()
+                await conn.send(self._hello(for_client=hello.role == CLIENT))
+            return hello
+        except (ProtocolError, TransportError, RemoteError) as exc:
+            self.stats.handshake_failures += 1
+            log.log(
+                _level(self.stats.handshake_failures),
+                "node %d: failed handshake from %s: %s",
+                self.config.node_id,
+                conn.peer_name,
+                exc,
+            )
+            if isinstance(exc, ProtocolError):  # bad input, not a network failure: say why
+                self.stats.count(Outcome.REJECTED)
+                await self._send_error(conn, str(exc))
+            return None
+
+    async def _serve_exchanges(self, conn: Connection, peer_id: int) -> None:
+        """A peer's requests: exchanges, membership probes and syncs, model fetches."""
+        timeout = self.config.exchange_timeout
+        while True:
+            msg = await conn.receive(frame_timeout=timeout)
+            match msg:
+                case Exchange():
+                    await self._answer(conn, peer_id, msg)
+                case Ping() | PingReq() | Sync() if self._swim is not None:
+                    answer = await self._swim.answer(msg)
+                    with _within(timeout, TransportError, "answer not sent"):
+                        await conn.send(answer)
+                case Fetch():  # a neighbour catching up
+                    with _within(timeout, TransportError, "model not sent"):
+                        await conn.send(self._model())
+                case _:
+                    raise ProtocolError(f"unexpected {type(msg).__name__} from a dialer")
+
+    def _model(self) -> Model:
+        return Model(self.stats.gradients, (self.algorithm.params(self.state, self.now()),))
+
+    async def _drop(self, conn: Connection, reason: str) -> None:
+        self.stats.count(Outcome.REJECTED)
+        log.warning(
+            "node %d: dropping connection from %s: %s", self.config.node_id, conn.peer_name, reason
+        )
+        await self._send_error(conn, reason)
 
     async def _answer(self, conn: Connection, peer_id: int, request: Exchange) -> None:
         check_payload(request.payload, self.spec)
@@ -567,8 +762,7 @@ class Node:
             answer: Message
             match request:
                 case Fetch():
-                    params = self.algorithm.params(self.state, self.now())
-                    answer = Model(self.stats.gradients, (params,))
+                    answer = self._model()
                 case Merge():
                     check_payload(request.payload, self.model_spec)
                     local = self.algorithm.params(self.state, self.now())
@@ -662,11 +856,18 @@ class Node:
                 peer.pending = None  # for the old session: it may have applied it, now undone
                 self.stats.count(Outcome.ONE_SIDED)
 
-    def _check_hello(self, msg: Message, *, client_ok: bool = False) -> Hello:
+    def _check_hello(self, conn: Connection, msg: Message, *, client_ok: bool = False) -> Hello:
         """``msg`` if it is the Hello of a peer we can gossip with (or, if ``client_ok``, of a
         merge client: no neighbour, so nothing of its session is noted)."""
+        if isinstance(msg, Challenge):
+            raise ProtocolError("the peer authenticates with a cluster key; this node has none")
         if not isinstance(msg, Hello):
             raise ProtocolError(f"expected Hello, got {type(msg).__name__}")
+        if msg.node_id != conn.peer_id:
+            raise ProtocolError(f"Hello of node {msg.node_id} sent as node {conn.peer_id}")
+        identity = conn.stream.identity()
+        if msg.role != CLIENT and identity is not None and identity != f"node-{msg.node_id}":
+            raise ProtocolError(f"node {msg.node_id} shows the certificate of {identity!r}")
         if msg.role == CLIENT:
             if not client_ok:
                 raise ProtocolError("expected a node, got a merge client")
@@ -747,6 +948,12 @@ def _within(seconds: float, error: type[Exception], what: str) -> Iterator[None]
             yield
     except trio.TooSlowError:
         raise error(f"{what} within {seconds:g}s") from None
+
+
+def _level(count: int) -> int:
+    """How loudly to log the ``count``-th of a kind of refusal: a warning for the first ten
+    and then at each power of two, so a flood cannot flood the log."""
+    return logging.WARNING if count <= 10 or count & (count - 1) == 0 else logging.DEBUG
 
 
 def _mean(pivot: torch.Tensor, received: Sequence[torch.Tensor]) -> torch.Tensor:

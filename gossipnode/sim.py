@@ -184,6 +184,7 @@ class Simulation:
             dadao_alpha=opts.dadao_alpha,
             graph=opts.topology,
             byzantine=self._byzantine.get(i),
+            probe_interval=0.0,  # the topology is the membership; crashes are scripted
             **opts.node_options,
         )
 

@@ -38,6 +38,8 @@ class Stats:
     last_gradient_at: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    handshake_failures: int = 0  # inbound connections that did not authenticate and say Hello
+    over_limit: int = 0  # inbound connections closed at once: --max-connections were open
     exchanges: Counter[str] = field(default_factory=Counter)
     # Durations of the latest exchanges this node started: payload to applied reply.
     exchange_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
@@ -74,6 +76,8 @@ class Stats:
             "train_loss": self.loss,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "handshake_failures": self.handshake_failures,
+            "over_limit": self.over_limit,
             "mixes": self.mixes,
             "exchanges": {o.value: self.exchanges[o.value] for o in Outcome},
             "exchange_seconds_median": _quantile(self.exchange_seconds, 0.5),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -44,6 +45,15 @@ class Address(NamedTuple):
 
 
 class Stream(Protocol):
+    @property
+    def remote(self) -> str:
+        """Who is at the other end, for logs ("" if unknown)."""
+        ...
+
+    def identity(self) -> str | None:
+        """The common name of the peer's certificate (mutual TLS), once it has been seen."""
+        ...
+
     async def send_all(self, data: bytes | memoryview) -> None: ...
 
     async def receive_some(self, max_bytes: int) -> bytes:
@@ -82,6 +92,7 @@ def _translated() -> Iterator[None]:
 @dataclass(eq=False)
 class TcpStream:
     stream: trio.SocketStream
+    remote: str = ""
 
     async def send_all(self, data: bytes | memoryview) -> None:
         with _translated():
@@ -100,22 +111,93 @@ class TcpStream:
         with _translated():
             await self.stream.aclose()
 
+    def identity(self) -> str | None:
+        return None
+
+
+@dataclass(eq=False)
+class TlsStream:
+    """TCP inside TLS. The handshake happens on the first send or receive, so it runs under
+    whatever deadline the caller has set for its own handshake."""
+
+    stream: trio.SSLStream[trio.SocketStream]
+    remote: str = ""
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        with _translated():
+            await self.stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        with _translated():
+            return bytes(await self.stream.receive_some(max_bytes))
+
+    async def receive_into(self, view: memoryview) -> int:
+        data = await self.receive_some(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    async def aclose(self) -> None:
+        with _translated():
+            await self.stream.aclose()
+
+    def identity(self) -> str | None:
+        try:
+            cert = self.stream.getpeercert()
+        except trio.NeedHandshakeError:
+            return None
+        for rdn in (cert or {}).get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return str(value)
+        return None
+
+
+@dataclass(frozen=True)
+class Tls:
+    """Mutual TLS: both ends show a certificate of the cluster's CA (``scripts/dev-ca``)."""
+
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+    @classmethod
+    def load(cls, cert: str, key: str, ca: str) -> Tls:
+        """Contexts from PEM files. Raises OSError or ssl.SSLError if one is unusable."""
+        contexts = []
+        for purpose in (ssl.Purpose.CLIENT_AUTH, ssl.Purpose.SERVER_AUTH):
+            context = ssl.create_default_context(purpose, cafile=ca)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.load_cert_chain(cert, key)
+            context.verify_mode = ssl.CERT_REQUIRED
+            # Peers are dialed by address; who they are is the certificate's common name,
+            # checked against the id they claim in their Hello.
+            context.check_hostname = False
+            contexts.append(context)
+        return cls(*contexts)
+
 
 # ---------------------------------------------------------------------------- TCP
 
 
 class TcpTransport:
-    """Real TCP with trio. Listens on one address; dials with a timeout."""
+    """Real TCP with trio, or TLS over it. Listens on one address; dials with a timeout."""
 
-    def __init__(self, connect_timeout: float = 5.0) -> None:
+    def __init__(self, connect_timeout: float = 5.0, tls: Tls | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.tls = tls
 
     async def connect(self, address: Address) -> Stream:
         with _translated():
             with trio.move_on_after(self.connect_timeout) as scope:
-                return TcpStream(await trio.open_tcp_stream(address.host, address.port))
+                stream = await trio.open_tcp_stream(address.host, address.port)
+                return self._wrap(stream, str(address), server=False)
             assert scope.cancelled_caught
             raise TransportError(f"connecting to {address} timed out")
+
+    def _wrap(self, stream: trio.SocketStream, remote: str, *, server: bool) -> Stream:
+        if self.tls is None:
+            return TcpStream(stream, remote)
+        context = self.tls.server if server else self.tls.client
+        return TlsStream(trio.SSLStream(stream, context, server_side=server), remote)
 
     async def serve(
         self,
@@ -130,21 +212,28 @@ class TcpTransport:
         async with trio.open_nursery() as nursery:
             task_status.started(Address(address.host, bound[1]))
             for listener in listeners:
-                nursery.start_soon(_accept_loop, listener, handler)
+                nursery.start_soon(self._accept_loop, listener, handler)
+
+    async def _accept_loop(self, listener: trio.SocketListener, handler: Handler) -> None:
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of file descriptors or memory: wait for connections to close.
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                        raise
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(handler, self._wrap(stream, _peer(stream), server=True))
 
 
-async def _accept_loop(listener: trio.SocketListener, handler: Handler) -> None:
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                # Out of file descriptors or memory: wait for connections to close.
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    raise
-                await trio.sleep(0.1)
-                continue
-            nursery.start_soon(handler, TcpStream(stream))
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port, *_ = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return str(Address(host, port))
 
 
 # ---------------------------------------------------------------------------- memory
@@ -238,6 +327,7 @@ class MemoryStream:
     inp: _Pipe
     on_close: Callable[[], object] | None = None
     closed: bool = False
+    remote: str = ""
 
     async def send_all(self, data: bytes | memoryview) -> None:
         self._check_open()
@@ -255,6 +345,9 @@ class MemoryStream:
     async def aclose(self) -> None:
         self.close()
         await trio.lowlevel.checkpoint()
+
+    def identity(self) -> str | None:
+        return None
 
     def close(self) -> None:
         if not self.closed:
@@ -300,8 +393,8 @@ class MemoryNetwork:
         if channel is None:
             raise TransportError(f"connection to {address} refused")
         forth, back_pipe = _Pipe(self.timing, source, address), _Pipe(self.timing, address, source)
-        ours = self._register(source, MemoryStream(forth, back_pipe))
-        theirs = self._register(address, MemoryStream(back_pipe, forth))
+        ours = self._register(source, MemoryStream(forth, back_pipe, remote=str(address)))
+        theirs = self._register(address, MemoryStream(back_pipe, forth, remote=str(source or "")))
         try:
             channel.send_nowait(theirs)
         except (trio.BrokenResourceError, trio.WouldBlock) as exc:

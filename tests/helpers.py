@@ -44,6 +44,7 @@ def config(i: int, n: int, neighbours: Sequence[int], **changes: Any) -> NodeCon
         batch_size=0,
         progress_every=0.0,
         exchange_timeout=2.0,
+        probe_interval=0.0,  # no membership unless a test asks for it
     )
     return replace(base, **changes)
 
@@ -124,6 +125,13 @@ class HookedStream:
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+    @property
+    def remote(self) -> str:
+        return self.inner.remote
+
+    def identity(self) -> str | None:
+        return self.inner.identity()
 
 
 @dataclass(eq=False)

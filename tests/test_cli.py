@@ -14,7 +14,10 @@ from typer.testing import CliRunner
 
 from gossipnode.cli import app, format_event
 
-BASE = ["run", "--id", "0", "--num-nodes", "2", "--listen", "127.0.0.1:0", "--duration", "1"]
+BASE = [
+    *("run", "--id", "0", "--num-nodes", "2", "--listen", "127.0.0.1:0", "--duration", "1"),
+    "--insecure",
+]
 
 
 def free_port() -> int:
@@ -67,7 +70,7 @@ def test_a_port_in_use_is_a_listen_error() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        code, _, err = invoke(*BASE[:-4], "--listen", f"127.0.0.1:{port}", "--task", "logreg")
+        code, _, err = invoke(*BASE, "--listen", f"127.0.0.1:{port}", "--task", "logreg")
     assert code == 2
     assert err.startswith(f"gossipnode: error: --listen: cannot listen on 127.0.0.1:{port}: ")
     assert err.count("\n") == 1
@@ -320,6 +323,7 @@ def test_a_node_runs_from_a_topology_file(tmp_path: Path) -> None:
         "--json",
         "--progress-every",
         "0",
+        "--insecure",
     )
     assert code == 0, err
     summary = json.loads(out.splitlines()[-1])
@@ -390,3 +394,22 @@ def test_bad_dadao_options(args: list[str], message: str) -> None:
     assert code == 2
     assert err.startswith(f"gossipnode: error: {message}"), err
     assert err.count("\n") == 1
+
+
+def test_keygen_makes_a_key_that_run_accepts_and_never_overwrites(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    code, out, _ = invoke("keygen", "--out", str(key))
+    assert code == 0
+    assert f"--cluster-key {key}" in out
+    assert key.stat().st_mode & 0o777 == 0o600
+    code, _, err = invoke("keygen", "--out", str(key))
+    assert code == 2
+    assert "exists; remove it first" in err
+    run = [*BASE[:-1], "--task", "logreg", "--grad-rate", "0"]
+    assert invoke(*run, "--cluster-key", str(key))[0] == 0
+    code, _, err = invoke(*run)
+    assert code == 2
+    assert err.startswith("gossipnode: error: no authentication: give --cluster-key FILE")
+    code, _, err = invoke(*run, "--cluster-key", str(tmp_path / "nope.key"))
+    assert code == 2
+    assert "--cluster-key: no such file" in err

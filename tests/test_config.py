@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from gossipnode.config import ConfigError, NodeConfig, resolve
 from gossipnode.transport import Address
 
-BASE = {"id": "1", "num_nodes": "4", "listen": "127.0.0.1:7001"}
+BASE = {"id": "1", "num_nodes": "4", "listen": "127.0.0.1:7001", "insecure": True}
 
 
 def test_defaults_and_parsing() -> None:
@@ -20,6 +21,7 @@ def test_defaults_and_parsing() -> None:
         num_nodes=4,
         listen=Address("127.0.0.1", 7001),
         peers=(Address("127.0.0.1", 7000), Address("127.0.0.1", 7002)),
+        insecure=True,
     )
     assert config.grad_rate is None  # "max"
     assert config.duration is None
@@ -39,7 +41,7 @@ def test_flags_beat_env_beat_file(tmp_path: Path) -> None:
 
 def test_required_values_may_come_from_env_or_file(tmp_path: Path) -> None:
     file = tmp_path / "node.toml"
-    file.write_text('listen = "127.0.0.1:7000"\nnum_nodes = 2\n')
+    file.write_text('listen = "127.0.0.1:7000"\nnum_nodes = 2\ninsecure = true\n')
     config = resolve({}, {"GOSSIPNODE_ID": "0"}, file)
     assert (config.node_id, config.num_nodes) == (0, 2)
 
@@ -122,12 +124,14 @@ def test_a_topology_gives_the_size_address_peers_and_rates(tmp_path: Path) -> No
             }
         )
     )
-    config = resolve({"id": "0", "topology": str(ring), "rates": str(rates)}, {})
+    config = resolve({"id": "0", "topology": str(ring), "rates": str(rates), "insecure": True}, {})
     assert config.num_nodes == 4
     assert config.listen == Address("10.0.0.0", 7000)
     assert config.peers == (Address("10.0.0.1", 7000), Address("10.0.0.3", 7000))
     assert config.clock_rates == {Address("10.0.0.1", 7000): 1.5, Address("10.0.0.3", 7000): 1.0}
-    plain = resolve({"id": "2", "topology": str(ring), "listen": "0.0.0.0:7000"}, {})
+    plain = resolve(
+        {"id": "2", "topology": str(ring), "listen": "0.0.0.0:7000", "insecure": True}, {}
+    )
     assert plain.listen == Address("0.0.0.0", 7000)  # --listen wins; peers still from the file
     assert plain.clock_rates == {}  # no rates: half of --gossip-rate at each end
 
@@ -159,3 +163,31 @@ def test_topology_errors(tmp_path: Path) -> None:
             {"id": "0", "topology": str(write_ring(tmp_path)), "rates": str(tmp_path / "r.json")},
             {},
         )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"insecure": None}, "no authentication: give --cluster-key FILE"),
+        (
+            {"tls_cert": "c.pem", "tls_key": "k.pem"},
+            "TLS needs all three files; also give --tls-ca",
+        ),
+        ({"cluster_key": "k"}, "--insecure: --insecure turns authentication off"),
+        ({"insecure": "maybe"}, "--insecure: must be true or false"),
+        (
+            {"advertise": "10.0.0.1:7001", "peers": "10.0.0.1:7001"},
+            "lists this node's own address 10.0.0.1:7001",
+        ),
+    ],
+)
+def test_authentication_is_on_or_explicitly_off(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve({**BASE, **flags}, {})
+
+
+def test_a_cluster_key_or_tls_is_enough() -> None:
+    keyed = resolve({**BASE, "insecure": None}, {"GOSSIPNODE_CLUSTER_KEY": "/run/secrets/k"})
+    assert keyed.cluster_key == Path("/run/secrets/k")
+    tls = {"tls_cert": "c.pem", "tls_key": "k.pem", "tls_ca": "ca.pem"}
+    assert resolve({**BASE, "insecure": None, **tls}, {}).tls_ca == Path("ca.pem")

@@ -36,8 +36,10 @@ async def refusal(
     stream = await trio.open_tcp_stream(address.host, address.port)
     decoder = FrameDecoder()
     async with stream:
-        if handshake:
+        if handshake:  # as a peer does: nothing more until the node's Hello has come
             await stream.send_all(frame(Hello(9, 1, "logreg", "", spec), seq=0))
+            while decoder.next_frame() is None:
+                decoder.feed(await stream.receive_some(65536))
         await stream.send_all(data)
         reasons = []
         with trio.fail_after(10):
@@ -95,7 +97,8 @@ async def test_bad_input_is_refused_and_gossip_goes_on(
                 }
             ),
             False,
-            "frame body of 2147483648 bytes exceeds the limit",
+            # before the handshake no tensors at all are taken
+            "1 tensors exceed the limit of 0",
         ),
         "a wrong version": (
             frame(Hello(9, 1, "logreg", "", spec), seq=0).replace(b"\xa1v\x01", b"\xa1v\x02"),
@@ -141,8 +144,11 @@ async def test_bad_input_is_refused_and_gossip_goes_on(
 
         assert await eventually(served_more, 10)
     assert b.stats.exchanges["rejected"] == len(cases)
+    before_hello = sum(not handshake for _, handshake, _ in cases.values())
+    assert b.stats.handshake_failures == before_hello
     assert a.stats.exchanges["failed"] == 0
-    logged = [r.getMessage() for r in caplog.records if "dropping connection" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    logged = [m for m in messages if "dropping connection" in m or "failed handshake" in m]
     assert len(logged) == len(cases)  # one warning with the reason for each
     a.stop()
     b.stop()

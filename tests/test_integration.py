@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import trio
 
-from gossipnode.cluster import NodeResult, free_ports, start_nodes, wait_all
+from gossipnode.cluster import NodeResult, cluster_key, free_ports, start_nodes, wait_all
 from gossipnode.graphs import generate
 from gossipnode.learner import consensus_distance
 from gossipnode.topology import Topology, save
@@ -173,6 +173,8 @@ def dadao_command(i: int, topo: Path, out: Path) -> list[str]:
         "--progress-every",
         "1",
         "--json",
+        "--cluster-key",
+        str(cluster_key(out)),
         "--out",
         str(out / f"node-{i}"),
     ]

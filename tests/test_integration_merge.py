@@ -14,7 +14,7 @@ import trio
 from typer.testing import CliRunner
 
 from gossipnode.cli import app
-from gossipnode.cluster import free_ports, node_command, ring, wait_all
+from gossipnode.cluster import cluster_key, free_ports, node_command, ring, wait_all
 from gossipnode.daemon import MERGED_MODEL_FILE, MODEL_FILE
 from gossipnode.learner import flat_buffers, flatten
 from gossipnode.tasks import load_task
@@ -38,9 +38,10 @@ OPTIONS = {
 }
 
 
-def merge_command(ports: list[int], *extra: str) -> list[str]:
+def merge_command(ports: list[int], out: Path, *extra: str) -> list[str]:
     peers = ",".join(f"127.0.0.1:{port}" for port in ports)
-    return [sys.executable, "-m", "gossipnode", "merge", "--peers", peers, *extra]
+    key = ["--cluster-key", str(cluster_key(out))]
+    return [sys.executable, "-m", "gossipnode", "merge", "--peers", peers, *key, *extra]
 
 
 async def test_merge_a_running_ring_of_four(tmp_path: Path) -> None:
@@ -65,15 +66,18 @@ async def test_merge_a_running_ring_of_four(tmp_path: Path) -> None:
                 )
                 assert trained, watch.dump()
                 as_json = await trio.run_process(
-                    merge_command(ports, "--json", "--timeout", "10"),
+                    merge_command(ports, tmp_path, "--json", "--timeout", "10"),
                     capture_stdout=True,
                     capture_stderr=True,
                     check=False,
                 )
                 # Again as a table, in this process (no second start-up of torch).
                 peers = ",".join(f"127.0.0.1:{port}" for port in ports)
+                key = {"GOSSIPNODE_CLUSTER_KEY": str(cluster_key(tmp_path))}
                 as_table = await trio.to_thread.run_sync(
-                    CliRunner().invoke, app, ["merge", "--peers", peers, "--timeout", "10"]
+                    lambda: CliRunner().invoke(
+                        app, ["merge", "--peers", peers, "--timeout", "10"], env=key
+                    )
                 )
                 for proc in procs:
                     proc.send_signal(signal.SIGTERM)

@@ -72,6 +72,7 @@ def run_nodes(mb: float, seconds: float) -> dict[str, Any]:
         "BENCH_MB": str(mb),
     }
     common = [
+        "--insecure",  # the handshake is not what is measured
         "--num-nodes",
         "2",
         "--task",
