@@ -200,7 +200,14 @@ def run(
         str | None, Opt(help="Inbound connections served at once; more are closed (64).")
     ] = None,
     probe_interval: Annotated[
-        str | None, Opt(help="Seconds between failure-detection probes (1).")
+        str | None, Opt(help="Seconds between failure-detection probes (1; 0 = no membership).")
+    ] = None,
+    catch_up_after: Annotated[
+        str | None,
+        Opt(
+            help="A fresh node starts from a neighbour's model once that one is this many "
+            "gradient steps in (100; 0 = never)."
+        ),
     ] = None,
     json_output: Annotated[bool, Opt("--json", help="Print JSON lines, not text.")] = False,
     config_file: Annotated[Path | None, Opt("--config", help="TOML file of these options.")] = None,

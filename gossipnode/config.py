@@ -85,6 +85,9 @@ class NodeConfig:
     advertise: Address | None = None  # default: --listen (which must then not be 0.0.0.0)
     degree: int | None = None  # neighbours without a topology; default: as many as --peers
     probe_interval: float = 1.0  # seconds between failure-detection probes; 0 = no membership
+    # A fresh node starts from a neighbour's model if that one has taken this many more
+    # gradient steps (it joined late, or restarted without --resume); 0 = never.
+    catch_up_after: int = 100
     byzantine: str | None = None  # evaluation only: this node attacks (byzantine.BEHAVIOURS)
     graph: Topology | None = None  # the --topology file, loaded
     # Exchanges per second this node initiates towards each peer (from a topology's rates);
@@ -295,6 +298,7 @@ OPTIONS = {
         Option("advertise", "advertise", _address),
         Option("degree", "degree", _int(1)),
         Option("probe_interval", "probe_interval", _float()),
+        Option("catch_up_after", "catch_up_after", _int(0)),
     ]
 }
 REQUIRED = ("id", "num_nodes", "listen")

@@ -59,13 +59,18 @@ HANDSHAKE_LIMITS = Limits(max_header_bytes=16 * 1024, max_body_bytes=0, max_tens
 class Meter(Protocol):
     """Where a connection adds up the bytes it moves (a node's stats)."""
 
-    bytes_sent: int
-    bytes_received: int
+    def moved(self, peer: int | None, sent: int, received: int) -> None:
+        """``peer`` is the node at the other end, None until its first frame."""
+        ...
 
 
 class _Bytes:
     bytes_sent = 0
     bytes_received = 0
+
+    def moved(self, peer: int | None, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
 
 
 ANY_ALGORITHM = "*"  # what a merge client sends until it has learnt the cluster's algorithm
@@ -102,7 +107,7 @@ class Connection:
             parts = [memoryview(b"".join(parts))]
         for part in parts:
             await self.stream.send_all(part)
-        self.meter.bytes_sent += size
+        self.meter.moved(self.peer_id, size, 0)
 
     async def receive(self, frame_timeout: float | None = None) -> Message:
         """The next message. Once part of a frame has arrived, the rest must come within
@@ -209,7 +214,7 @@ class Connection:
             n = len(data)
             if n:
                 self._decoder.feed(data)
-        self.meter.bytes_received += n
+        self.meter.moved(self.peer_id, 0, n)
         return n
 
 

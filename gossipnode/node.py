@@ -249,7 +249,7 @@ class Node:
         )
         with trio.move_on_after(cfg.exchange_timeout):
             if cfg.peers and not await self._swim.join():
-                log.warning("node %d: no seed answered yet; retrying", cfg.node_id)
+                log.info("node %d: no seed answered yet; retrying in the background", cfg.node_id)
         self._nursery.start_soon(self._swim.run)
         self._membership_changed()
 
@@ -314,11 +314,11 @@ class Node:
         """A fresh node takes the model of a neighbour that has trained, before it trains
         itself (the rules that allow replacing the model: all but dadao)."""
         with_params = getattr(self.algorithm, "with_params", None)
-        if with_params is None:
+        if with_params is None or self.config.catch_up_after == 0:
             return
         for peer in self._rng("catch-up").sample(self.peers, len(self.peers)):
             model = await self._fetch(peer)
-            if model is None or model.gradients == 0:
+            if model is None or model.gradients < self.config.catch_up_after:
                 continue
             self.state = with_params(self.state, model.payload[0])
             self.caught_up_from = peer.node_id
@@ -375,6 +375,7 @@ class Node:
     def status(self) -> dict[str, Any]:
         """The node as /status shows it (and /metrics renders): counters, peers, evaluation."""
         elapsed = max(self.now() - self._resumed_at, 1e-9)
+        stats = self.stats
         return {
             "node": self.config.node_id,
             "task": self.config.task,
@@ -382,6 +383,11 @@ class Node:
             "elapsed": self.now(),
             "stats": self.stats.snapshot(),
             "evaluation": self.evaluation,
+            "members": self._members(),
+            "bytes_by_peer": {
+                str(node): {"sent": stats.peer_sent[node], "received": stats.peer_received[node]}
+                for node in sorted(stats.peer_sent.keys() | stats.peer_received.keys())
+            },
             "peers": [
                 {
                     "address": str(p.address),
@@ -395,6 +401,17 @@ class Node:
                 for p in self.peers
             ],
         }
+
+    def _members(self) -> dict[str, Any] | None:
+        view = self.membership
+        if view is None:
+            return None
+        rows = [
+            {"node": m.node, "address": m.address, "incarnation": m.incarnation, "status": m.status}
+            for m in sorted(view.members.values(), key=lambda m: m.node)
+        ]
+        me = {"address": view.address, "incarnation": view.incarnation, "health": view.health}
+        return {"self": me, "others": rows}
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -566,6 +583,7 @@ class Node:
             case Reply(exchange_id, payload) if exchange_id == pending.exchange_id:
                 check_payload(payload, self.spec)
                 assert peer.node_id is not None  # known since the handshake
+                self.stats.peer_distance[peer.node_id] = _distance2(pending.sent, payload)
                 self.state = self.algorithm.mix(
                     self.state, pending.sent, payload, self.now(), peer.node_id
                 )
@@ -749,6 +767,7 @@ class Node:
             # Applied exactly once, delivered or not: if the reply is lost, the initiator's
             # retry is answered from the cache. (The pair, not the state, is what is mixed,
             # so whatever changed during the send is kept.)
+            self.stats.peer_distance[peer_id] = _distance2(reply, request.payload)
             self.state = self.algorithm.mix(self.state, reply, request.payload, self.now(), peer_id)
             self._mixes += 1
             self.stats.count(Outcome.SERVED)
@@ -948,6 +967,11 @@ def _within(seconds: float, error: type[Exception], what: str) -> Iterator[None]
             yield
     except trio.TooSlowError:
         raise error(f"{what} within {seconds:g}s") from None
+
+
+def _distance2(ours: Payload, theirs: Payload) -> float:
+    """The squared distance between two payloads' first tensors (the model, for most rules)."""
+    return float(torch.dist(ours[0], theirs[0]) ** 2)
 
 
 def _level(count: int) -> int:

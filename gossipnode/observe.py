@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,32 @@ def metrics_text(status: dict[str, Any]) -> str:
         "Inbound connections dropped for bad input (handshakes included).",
         [("", stats["exchanges"].get("rejected", 0))],
     )
+    metric(
+        "handshake_failures",
+        "counter",
+        "Inbound connections that did not authenticate and say Hello in time.",
+        [("", stats["handshake_failures"])],
+    )
+    metric(
+        "connections_over_limit",
+        "counter",
+        "Inbound connections closed at once because --max-connections were open.",
+        [("", stats["over_limit"])],
+    )
     metric("sent_bytes", "counter", "Bytes sent.", [("", stats["bytes_sent"])])
+    by_peer = status["bytes_by_peer"]
+    metric(
+        "peer_sent_bytes",
+        "counter",
+        "Bytes sent to each node.",
+        [(f'{{peer="{node}"}}', b["sent"]) for node, b in by_peer.items()],
+    )
+    metric(
+        "peer_received_bytes",
+        "counter",
+        "Bytes received from each node.",
+        [(f'{{peer="{node}"}}', b["received"]) for node, b in by_peer.items()],
+    )
     metric("received_bytes", "counter", "Bytes received.", [("", stats["bytes_received"])])
     metric(
         "peer_exchanges",
@@ -81,6 +107,27 @@ def metrics_text(status: dict[str, Any]) -> str:
             "gauge",
             "Moving average of the training loss.",
             [("", stats["train_loss"])],
+        )
+    if stats["consensus_estimate"] is not None:
+        metric(
+            "consensus_distance_estimate",
+            "gauge",
+            "Half the mean squared distance to the neighbours' models at the latest exchanges.",
+            [("", stats["consensus_estimate"])],
+        )
+    if status["members"] is not None:
+        counts = Counter(m["status"] for m in status["members"]["others"])
+        metric(
+            "members",
+            "gauge",
+            "Other members of the cluster known to this node, by status.",
+            [(f'{{status="{k}"}}', counts[k]) for k in ("alive", "suspect", "dead")],
+        )
+        metric(
+            "incarnation",
+            "gauge",
+            "This node's incarnation (raised to refute suspicions).",
+            [("", status["members"]["self"]["incarnation"])],
         )
     for key, value in status["evaluation"].items():
         metric(f"eval_{key}", "gauge", f"Held-out {key} at the last evaluation.", [("", value)])

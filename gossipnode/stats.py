@@ -41,6 +41,12 @@ class Stats:
     handshake_failures: int = 0  # inbound connections that did not authenticate and say Hello
     over_limit: int = 0  # inbound connections closed at once: --max-connections were open
     exchanges: Counter[str] = field(default_factory=Counter)
+    # Bytes sent to and received from each node id (membership and merge traffic included).
+    peer_sent: Counter[int] = field(default_factory=Counter)
+    peer_received: Counter[int] = field(default_factory=Counter)
+    # Squared distance between this node's payload and each neighbour's at their latest
+    # exchange (before mixing): what a consensus distance is made of.
+    peer_distance: dict[int, float] = field(default_factory=dict)
     # Durations of the latest exchanges this node started: payload to applied reply.
     exchange_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
 
@@ -52,6 +58,20 @@ class Stats:
         self.staleness_total += staleness
         self.staleness_max = max(self.staleness_max, staleness)
         self.loss = loss if self.loss is None else 0.95 * self.loss + 0.05 * loss
+
+    def moved(self, peer: int | None, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        if peer is not None:
+            self.peer_sent[peer] += sent
+            self.peer_received[peer] += received
+
+    @property
+    def consensus_estimate(self) -> float | None:
+        """Half the mean squared distance to the neighbours: the mean squared distance of n
+        models to their average is (n - 1) / 2n times their mean pairwise one."""
+        values = self.peer_distance.values()
+        return sum(values) / (2 * len(values)) if values else None
 
     def count(self, outcome: Outcome, n: int = 1) -> None:
         if n:
@@ -77,6 +97,7 @@ class Stats:
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "handshake_failures": self.handshake_failures,
+            "consensus_estimate": self.consensus_estimate,
             "over_limit": self.over_limit,
             "mixes": self.mixes,
             "exchanges": {o.value: self.exchanges[o.value] for o in Outcome},

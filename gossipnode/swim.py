@@ -162,7 +162,9 @@ class Swim:
         was = self.view.status_of(node)
         self.view.probe_failed(node, now)
         if was == Status.ALIVE:
-            log.warning("member %d at %s does not answer: suspect", node, address)
+            log.warning(
+                "node %d: member %d at %s does not answer: suspect", self.view.me, node, address
+            )
             self.on_change()
 
     async def _sync_loop(self) -> None:
@@ -185,7 +187,8 @@ class Swim:
         changed = self.view.apply_all(updates, now)
         if self.view.incarnation != incarnation:
             log.warning(
-                "this node was reported suspect or dead; refuting as incarnation %d",
+                "node %d: reported suspect or dead; refuting as incarnation %d",
+                self.view.me,
                 self.view.incarnation,
             )
         for u in changed:
@@ -203,7 +206,7 @@ class Swim:
 
     def _expire(self) -> None:
         for node in self.view.expire(trio.current_time()):
-            log.warning("member %d declared dead: no refutation in time", node)
+            log.warning("node %d: member %d is dead: no refutation in time", self.view.me, node)
             self.on_change()
 
     def _news(self) -> tuple[Update, ...]:

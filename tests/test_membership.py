@@ -108,6 +108,7 @@ def test_a_slow_node_stretches_its_own_probing() -> None:
 
 def member(i: int, n: int, net: MemoryNetwork, seed: int = 0, **changes: Any) -> Node:
     options = {"probe_interval": 1.0, "degree": 2, "duration": None, "grad_rate": 2.0}
+    options["catch_up_after"] = 20
     c = config(i, n, [seed] if i != seed else [], **{**options, **changes})
     return make_node(c, net.endpoint(address(i)))
 

@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from gossipnode.cli import app
 from gossipnode.cluster import free_ports
+from gossipnode.connection import AuthError, Connection
 from gossipnode.factory import make_algorithm
 from gossipnode.node import Node
 from gossipnode.transport import Address, TcpTransport
+from gossipnode.wire import Limits
 
 from .helpers import config, task
+
+KEY = bytes(range(32))
 
 
 def free_port() -> int:
@@ -58,10 +63,13 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
             grad_rate=0.0,  # counters hold still once gossip stops
             progress_every=0.2,
             metrics=Address("127.0.0.1", metrics_port) if i == 0 else None,
+            probe_interval=0.2,
+            handshake_timeout=0.3,
         )
         built = task(cfg.task, n=2)
+        algorithm = make_algorithm(cfg, built)
         nodes.append(
-            Node(cfg, transport=TcpTransport(), task=built, algorithm=make_algorithm(cfg, built))
+            Node(cfg, transport=TcpTransport(), task=built, algorithm=algorithm, cluster_key=KEY)
         )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -69,6 +77,7 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
                 await nursery.start(node.run)
             await trio.sleep(1.5)
             nodes[1].stop()  # from now on node 0's exchanges only fail: its counts hold still
+            await outsiders(ports[0])
             await trio.sleep(0.5)
             line, body = await get(metrics_port, "/metrics")
             mine = nodes[0].stats.snapshot()
@@ -86,6 +95,13 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
     assert values["gossipnode_sent_bytes_total"] <= mine["bytes_sent"]
     assert values[f"gossipnode_peer_exchanges_total{{peer=127.0.0.1:{ports[1]}}}"] == ok
     assert "gossipnode_eval_loss" in values  # the progress loop's evaluation
+    assert values["gossipnode_handshake_failures_total"] == mine["handshake_failures"] == 2
+    peer_bytes = values["gossipnode_peer_sent_bytes_total{peer=1}"]
+    assert 0 < peer_bytes == nodes[0].stats.peer_sent[1] <= mine["bytes_sent"]
+    # (two nodes that only average are one model after the first exchange)
+    assert values["gossipnode_consensus_distance_estimate"] == mine["consensus_estimate"] >= 0
+    members = [values[f"gossipnode_members{{status={s}}}"] for s in ("alive", "suspect", "dead")]
+    assert sum(members) == 1  # node 1, whatever node 0 believes of it by now
     assert status_line == "HTTP/1.0 200 OK"
     status: dict[str, Any] = json.loads(status_body)
     assert status["node"] == 0
@@ -93,6 +109,25 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
     assert status["peers"][0]["rate_planned"] == 10.0  # half of the edge's 20/s
     assert missing.startswith("HTTP/1.0 404")
     assert post.startswith("HTTP/1.0 405")
+
+
+async def outsiders(port: int) -> None:
+    """A dialer with the wrong key, and one that says nothing until it is dropped."""
+    silent = await trio.open_tcp_stream("127.0.0.1", port)
+    stranger = Connection(
+        await TcpTransport().connect(Address("127.0.0.1", port)),
+        node_id=7,
+        algorithm="gossip",
+        limits=Limits(),
+    )
+    with pytest.raises(AuthError, match="the peer does not hold the cluster key"):
+        await stranger.authenticate(bytes(32), dialer=True)  # (each side finds out)
+    await stranger.aclose()
+    async with silent:  # told why and hung up on, after --handshake-timeout
+        data = b""
+        while chunk := await silent.receive_some(65536):
+            data += chunk
+    assert b"no handshake within 0.3s" in data
 
 
 def test_status_command_says_when_the_node_is_not_there() -> None:
