@@ -14,8 +14,9 @@ A member that hears it is suspected or dead at its incarnation refutes: it raise
 incarnation and spreads ``alive`` (so a restarted node, even one declared dead, comes back
 by announcing a higher incarnation). A probe that goes unanswered, directly and through
 others, makes the target ``suspect``; if no refutation comes within the suspicion timeout,
-``dead``. Like Lifeguard, a node whose own probes keep failing (it is likely the slow one,
-busy training) stretches its probe timing instead of accusing healthy members.
+``dead``. Like Lifeguard, a node that is likely the slow one itself (
+busy training, say) stretches its probe timing: when not even the members it asks to help
+answer, or when it has to refute a suspicion of itself.
 """
 
 from __future__ import annotations
@@ -114,12 +115,16 @@ class Membership:
 
     # ------------------------------------------------------------------ probing outcomes
 
-    def probe_succeeded(self) -> None:
+    def healthier(self) -> None:
+        """A probe of ours was answered: our own messages get through."""
         self.health = max(0, self.health - 1)
+
+    def sicker(self) -> None:
+        """Not even the members asked to help answered: the slow one is likely us."""
+        self.health = min(MAX_HEALTH, self.health + 1)
 
     def probe_failed(self, node: int, now: float) -> None:
         """No ack, directly or through others: suspect ``node``."""
-        self.health = min(MAX_HEALTH, self.health + 1)
         known = self.members.get(node)
         if known is not None and known.status == Status.ALIVE:
             self.apply(Update(node, known.address, known.incarnation, Status.SUSPECT), now)

@@ -95,10 +95,13 @@ class Swim:
         reply = await self._request(address, full, 2 * self.view.probe_interval + 5.0)
         return isinstance(reply, Sync)
 
-    async def _ping_via(self, helper: Address, target: int, address: str, seconds: float) -> bool:
+    async def _ping_via(
+        self, helper: Address, target: int, address: str, seconds: float
+    ) -> bool | None:
+        """Whether ``helper`` reached ``target``; None if the helper did not answer."""
         req = PingReq(self._next_id(), target, address, self._news())
         reply = await self._request(helper, req, seconds)
-        return isinstance(reply, Ack) and reply.ok
+        return reply.ok if isinstance(reply, Ack) else None
 
     async def _request(self, address: Address, msg: Message, seconds: float) -> Message | None:
         """``msg``'s answer from ``address`` within ``seconds`` (updates taken in), or None.
@@ -142,25 +145,25 @@ class Swim:
     async def _probe(self, node: int, address: str) -> None:
         interval = self.interval
         if await self.ping(Address.parse(address), interval / 2):
-            self.view.probe_succeeded()
+            self.view.healthier()
             return
         helpers = self.view.helpers(node, self.indirect, self.rng)
-        acked = False
+        answers: list[bool | None] = []
         async with trio.open_nursery() as nursery:
 
             async def through(helper: Address) -> None:
-                nonlocal acked
-                if await self._ping_via(helper, node, address, interval / 2):
-                    acked = True
+                answers.append(await self._ping_via(helper, node, address, interval / 2))
+                if answers[-1]:
                     nursery.cancel_scope.cancel()
 
             for h in helpers:
                 nursery.start_soon(through, Address.parse(h.address))
-        if acked:
+        if any(answers):
             return
-        now = trio.current_time()
+        if helpers and all(a is None for a in answers):
+            self.view.sicker()  # nobody answered us at all: we may be the problem
         was = self.view.status_of(node)
-        self.view.probe_failed(node, now)
+        self.view.probe_failed(node, trio.current_time())
         if was == Status.ALIVE:
             log.warning(
                 "node %d: member %d at %s does not answer: suspect", self.view.me, node, address

@@ -96,11 +96,15 @@ def test_probing_visits_every_live_member_once_a_round() -> None:
 def test_a_slow_node_stretches_its_own_probing() -> None:
     m = view()
     m.apply(Update(1, "n1:1", 0, A), now=0)
+    m.probe_failed(1, now=0)
+    assert m.stretch() == 1.0  # a silent member is its problem, not ours
     for _ in range(20):
-        m.probe_failed(1, now=0)
+        m.sicker()
     assert m.stretch() == 9.0  # capped, like Lifeguard's awareness
-    m.probe_succeeded()
+    m.healthier()
     assert m.stretch() == 8.0
+    m.apply(Update(0, "n0:1", 0, S), now=0)  # refuting a suspicion of ourselves
+    assert m.stretch() == 9.0
 
 
 # ---------------------------------------------------------------------------- virtual time
