@@ -29,6 +29,11 @@ first node) leaves them empty; what it gives must be the node's. Then, one reque
     Merge(merge_id, (average,))        ->
                                       <- Merged(merge_id, local, merged, saved)
 
+Membership (``membership``, ``swim``) rides on peer connections too, one request at a time:
+``Ping`` is answered by ``Ack``; ``PingReq`` (ping that member for me) by ``Ack`` saying
+whether it answered; ``Sync`` (all I know) by ``Sync``. Each carries ``Update``s. A peer may
+also ``Fetch`` a node's model, to start from it when it joins late.
+
 The node re-estimates BatchNorm statistics for the average on its own data, evaluates it and
 keeps it (``saved``: where, "" if nowhere), and goes on training its own model. It refuses an
 Exchange from a client, and a Fetch or Merge from a peer.

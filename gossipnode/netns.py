@@ -9,10 +9,11 @@ network can be degraded and broken for real:
 - ``loss(i, pct)``: nftables drops ``pct`` % of host ``i``'s outgoing packets at random;
 - ``rate(i, mbit)``: a ``tbf`` qdisc limits host ``i``'s link (both directions);
 - ``cut(i)`` / ``restore(i)``: host ``i``'s port on the bridge goes down / up (a partition);
-- ``delay(i, ms)``: not available (see ``NetnsCluster.delay``).
+- ``delay(i, ms)``: packets arriving at host ``i`` wait ``ms`` milliseconds (an NFQUEUE rule
+  and a small userspace delayer in this module, since the kernel has no netem).
 
-Needs root, ``ip`` (iproute2; ``tc`` for rates) and ``nft`` (nftables, for loss). The kernel
-here has no netem, so loss and delay cannot come from ``tc``.
+Needs root and ``ip`` (iproute2); ``tc`` (iproute2) for rates, ``nft`` (nftables) for loss,
+``iptables`` for delays. Nothing else: the delayer speaks netlink itself.
 
 ``NetnsCluster`` is a context manager: leaving it, however (an exception, Ctrl-C), kills every
 process in its namespaces and deletes them. Entering it first removes namespaces that an
@@ -29,20 +30,25 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -50,7 +56,7 @@ import yaml
 _clock = time.monotonic  # noqa: TID251
 _sleep = time.sleep  # noqa: TID251
 
-log = logging.getLogger("gossipnode.netns")
+logger = logging.getLogger("gossipnode.netns")
 
 NETWORK = "gossip"  # the compose network whose addresses the nodes get
 DEFAULT_PREFIX = "gn"
@@ -361,6 +367,8 @@ class NetnsCluster:
         self.procs: dict[int, list[subprocess.Popen[bytes]]] = {i: [] for i in self.nodes}
         self._created: list[str] = []
         self._shaped: set[tuple[str, str]] = set()
+        self._delayers: dict[int, subprocess.Popen[bytes]] = {}
+        self._entered = False
 
     # ------------------------------------------------------------------ names
 
@@ -393,6 +401,7 @@ class NetnsCluster:
         reason = unavailable()
         if reason:
             raise NetnsError(reason)
+        self._entered = True
         try:
             self._setup()
         except BaseException:
@@ -410,7 +419,7 @@ class NetnsCluster:
         if errors and exc is None:
             raise NetnsError("teardown: " + "; ".join(errors))
         for error in errors:  # do not hide the exception that ended the cluster
-            log.error("netns teardown: %s", error)
+            logger.error("netns teardown: %s", error)
 
     def _setup(self) -> None:
         remove(self.prefix)
@@ -442,19 +451,23 @@ class NetnsCluster:
         Returns what could not be done."""
         errors: list[str] = []
         with _signals_held():
-            for procs in self.procs.values():
-                for proc in procs:
-                    if proc.poll() is None:
-                        with contextlib.suppress(ProcessLookupError, PermissionError):
-                            os.killpg(proc.pid, signal.SIGKILL)
-                        with contextlib.suppress(ProcessLookupError):
-                            proc.kill()
-            for procs in self.procs.values():
-                for proc in procs:
-                    try:
-                        proc.wait(KILL_TIMEOUT)
-                    except subprocess.TimeoutExpired:
-                        errors.append(f"process {proc.pid} did not die")
+            started = [p for procs in self.procs.values() for p in procs]
+            started += self._delayers.values()
+            for proc in started:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            for proc in started:
+                try:
+                    proc.wait(KILL_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    errors.append(f"process {proc.pid} did not die")
+            if self._entered:  # also one whose `ip netns add` an interrupt cut short
+                with contextlib.suppress(NetnsError):
+                    mine = [n for n in namespaces() if _ours(self.prefix, n)]
+                    self._created += [n for n in mine if n not in self._created]
             for name in reversed(self._created):
                 try:
                     _kill_inside(name)
@@ -464,6 +477,8 @@ class NetnsCluster:
                         errors.append(str(exc))
             self._created.clear()
             self._shaped.clear()
+            self._delayers.clear()
+            self._entered = False
         return errors
 
     # ------------------------------------------------------------------ processes
@@ -649,11 +664,175 @@ class NetnsCluster:
         """Reconnect host ``i`` (after ``cut``)."""
         _command(["ip", "-n", self.switch, "link", "set", self._port(self._spec(i).id), "up"])
 
-    def delay(self, i: int, ms: float) -> None:
-        """Not available: this kernel has no netem and no nft ``queue``; a userspace NFQUEUE
-        delayer (machine-limits.md section 4) would need iptables and the NetfilterQueue
-        package, which gossipnode does not depend on."""
-        raise NetnsError("delay is not implemented (no netem on this kernel)")
+    def delay(self, i: int, ms: float, *, seconds: float = 3600.0) -> None:
+        """Hold every packet arriving at host ``i`` for ``ms`` milliseconds (so calling it on
+        every host delays each direction of every link); 0 removes the delay.
+
+        The kernel has no netem, so a userspace delayer (``delayer`` below, one process in the
+        host's namespace) takes the packets from an NFQUEUE rule on INPUT, put there with
+        ``iptables`` (the kernel has no nft ``queue``). Delaying on the receiver, not the
+        sender, keeps the sender's TCP small-queue budget free. ``--queue-bypass``: whenever
+        the delayer is not there (not yet, or it ended after ``seconds``), packets pass
+        undelayed. About 20,000 packets a second at most."""
+        if ms < 0:
+            raise ValueError(f"delay must be >= 0 ms, got {ms}")
+        ns = self.namespace(i)
+        rule = ["INPUT", "-i", "eth0", "-j", "NFQUEUE", "--queue-num", str(QUEUE), "--queue-bypass"]
+        old = self._delayers.pop(i, None)
+        if old is not None:
+            _command(["ip", "netns", "exec", ns, "iptables", "-D", *rule])
+            old.send_signal(signal.SIGTERM)  # it lets the packets it holds go
+            try:
+                old.wait(KILL_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                old.kill()
+                old.wait(KILL_TIMEOUT)
+        if ms == 0:
+            return
+        args = ["delayer", "--queue", str(QUEUE), "--ms", f"{ms:g}", "--seconds", f"{seconds:g}"]
+        log = self.out / f"delayer-{i}.log"
+        with log.open("ab") as err:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", ns, self.python, "-m", "gossipnode.netns", *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        self._delayers[i] = proc
+        assert proc.stdout is not None
+        with proc.stdout:
+            ready = proc.stdout.readline()  # bounded: the delayer says ready or exits
+        if ready.strip() != b"ready":
+            self._delayers.pop(i)
+            proc.kill()
+            proc.wait(KILL_TIMEOUT)
+            raise NetnsError(f"the delayer of node {i} failed: {log.read_text()[-2000:].strip()}")
+        _command(["ip", "netns", "exec", ns, "iptables", "-A", *rule])
+
+
+# ---------------------------------------------------------------------------- delayer
+# NFQUEUE over a raw netlink socket (linux/netfilter/nfnetlink_queue.h): bind a queue, get
+# each packet's id (metadata only, not its bytes), and give the verdict ACCEPT when it is due.
+
+QUEUE = 7
+_NETLINK_NETFILTER = 12
+_SOL_NETLINK = 270
+_NETLINK_NO_ENOBUFS = 5
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
+_QUEUE_PACKET, _QUEUE_VERDICT, _QUEUE_CONFIG = 3 << 8 | 0, 3 << 8 | 1, 3 << 8 | 2
+_CFG_CMD, _CFG_PARAMS, _CFG_QUEUE_MAXLEN, _CFG_MASK, _CFG_FLAGS = 1, 2, 3, 4, 5
+_CMD_BIND, _CMD_UNBIND = 1, 2
+_COPY_META = 1
+_F_FAIL_OPEN, _F_GSO = 1, 4  # accept when the queue is full; take GSO packets whole
+_NFQA_PACKET_HDR, _NFQA_VERDICT_HDR = 1, 2
+_NF_ACCEPT = 1
+
+
+def _attr(kind: int, data: bytes) -> bytes:
+    pad = b"\0" * (-len(data) % 4)
+    return struct.pack("=HH", 4 + len(data), kind) + data + pad
+
+
+def _nfq_message(kind: int, queue: int, attrs: bytes, flags: int = 0, family: int = 0) -> bytes:
+    body = struct.pack("=BBH", family, 0, socket.htons(queue)) + attrs
+    return struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | flags, 0, 0) + body
+
+
+def _nfq_config(sock: socket.socket, queue: int, *attrs: bytes) -> None:
+    sock.send(_nfq_message(_QUEUE_CONFIG, queue, b"".join(attrs), _NLM_F_ACK))
+    reply = sock.recv(65536)
+    (kind,) = struct.unpack_from("=H", reply, 4)
+    if kind == _NLMSG_ERROR:
+        (error,) = struct.unpack_from("=i", reply, 16)
+        if error:
+            raise OSError(-error, f"NFQUEUE {queue}: {os.strerror(-error)}")
+
+
+def _packet_ids(data: bytes) -> Iterator[int]:
+    """The ids of the queued packets in one netlink read."""
+    at = 0
+    while at + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, at)
+        if length < 16:
+            return
+        if kind == _QUEUE_PACKET:
+            a = at + 20  # nlmsghdr, nfgenmsg
+            while a + 4 <= at + length:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype & 0x7FFF == _NFQA_PACKET_HDR:
+                    yield struct.unpack_from("!I", data, a + 4)[0]
+                    break
+                a += (alen + 3) & ~3
+        at += (length + 3) & ~3
+
+
+def delayer(queue: int, ms: float, seconds: float, ready: IO[str] | None = None) -> int:
+    """Hold each packet of NFQUEUE ``queue`` ``ms`` milliseconds, for ``seconds`` at most (or
+    until SIGTERM/SIGINT), then accept everything held; returns the packets delayed."""
+    stop = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
+    sock.bind((0, 0))
+    sock.settimeout(5.0)  # for the configuration's acknowledgements
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(_SOL_NETLINK, _NETLINK_NO_ENOBUFS, 1)
+    cmd = struct.pack("=BxH", _CMD_BIND, socket.htons(socket.AF_INET))
+    _nfq_config(sock, queue, _attr(_CFG_CMD, cmd))
+    _nfq_config(
+        sock,
+        queue,
+        _attr(_CFG_PARAMS, struct.pack("!IB", 0, _COPY_META)),
+        _attr(_CFG_QUEUE_MAXLEN, struct.pack("!I", 65536)),
+        _attr(_CFG_MASK, struct.pack("!I", _F_FAIL_OPEN | _F_GSO)),
+        _attr(_CFG_FLAGS, struct.pack("!I", _F_FAIL_OPEN | _F_GSO)),
+    )
+    sock.setblocking(False)
+    if ready is not None:
+        ready.write("ready\n")
+        ready.flush()
+    held: deque[tuple[float, int]] = deque()  # (due, id): one delay, so due times are in order
+    hold, end, count = ms / 1000, _clock() + seconds, 0
+
+    def release(until: float) -> None:
+        verdicts = []
+        while held and held[0][0] <= until:
+            verdict = struct.pack("!II", _NF_ACCEPT, held.popleft()[1])
+            verdicts.append(_nfq_message(_QUEUE_VERDICT, queue, _attr(_NFQA_VERDICT_HDR, verdict)))
+        if verdicts:
+            sock.send(b"".join(verdicts))
+
+    try:
+        while not stop and _clock() < end:
+            wait = max(0.0, held[0][0] - _clock()) if held else 0.2
+            readable, _, _ = select.select([sock], [], [], min(wait, 0.2))
+            if readable:
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    for _ in range(256):  # then release what is due, then read on
+                        data = sock.recv(1 << 20)
+                        now = _clock()
+                        for packet in _packet_ids(data):
+                            held.append((now + hold, packet))
+                            count += 1
+            release(_clock())
+    finally:
+        release(math.inf)
+        with contextlib.suppress(OSError):
+            sock.settimeout(1.0)
+            _nfq_config(sock, queue, _attr(_CFG_CMD, struct.pack("=BxH", _CMD_UNBIND, 0)))
+        sock.close()
+    return count
 
 
 # ---------------------------------------------------------------------------- command line
@@ -672,6 +851,11 @@ def _describe(nodes: Sequence[NodeSpec], prefix: str, compose: Path) -> dict[str
                 "prefixlen": n.prefixlen,
                 "namespace": f"{prefix}-{n.id}",
                 "env": dict(n.env),
+                # What running it here changes: paths into the run's --out directory.
+                "remapped": {
+                    ENV_PREFIX + "OUT": f"<out>/node-{n.id}",
+                    ENV_PREFIX + "CLUSTER_KEY": "<out>/cluster.key",
+                },
             }
             for n in nodes
         ],
@@ -716,6 +900,8 @@ def _run(args: argparse.Namespace, nodes: list[NodeSpec]) -> int:
                 cluster.loss(n.id, args.loss)
             if args.rate:
                 cluster.rate(n.id, args.rate)
+            if args.delay:
+                cluster.delay(n.id, args.delay)
         try:
             cluster.start_all()
             deadline = _clock() + args.duration + args.grace if args.duration else None
@@ -763,6 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--duration", type=float, help="seconds (GOSSIPNODE_DURATION)")
     run.add_argument("--loss", type=float, default=0.0, help="%% of packets each host drops")
     run.add_argument("--rate", type=float, help="Mbit/s limit of each host's link")
+    run.add_argument("--delay", type=float, help="ms each packet waits on arrival at a host")
     run.add_argument("--out", help="output directory (default: a new temporary one)")
     run.add_argument("--env", action="append", default=[], help="KEY=VALUE for every node")
     run.add_argument(
@@ -770,16 +957,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--grace", type=float, default=30.0, help="seconds nodes get to stop")
     sub.add_parser("describe", parents=[common], help="print the cluster as JSON")
+    delay = sub.add_parser("delayer", help=argparse.SUPPRESS)  # NetnsCluster.delay's helper
+    delay.add_argument("--queue", type=int, default=QUEUE)
+    delay.add_argument("--ms", type=float, required=True)
+    delay.add_argument("--seconds", type=float, default=3600.0)
     down = sub.add_parser("down", help="remove namespaces left by a crashed run")
     down.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix")
     args = parser.parse_args(argv)
 
     try:
+        if args.command == "delayer":
+            delayer(args.queue, args.ms, args.seconds, ready=sys.stdout)
+            return 0
         if args.command == "describe":
             nodes = load_compose(args.compose)
             print(json.dumps(_describe(nodes, args.prefix, args.compose), indent=2))
             return 0
-        tools = [t for t, used in (("nft", "loss"), ("tc", "rate")) if getattr(args, used, None)]
+        needs = (("nft", "loss"), ("tc", "rate"), ("iptables", "delay"))
+        tools = [tool for tool, used in needs if getattr(args, used, None)]
         reason = unavailable(*tools)
         if reason:
             print(f"netns-cluster: {reason}", file=sys.stderr)

@@ -25,6 +25,13 @@ restart can leave an exchange applied at one end: every Hello carries the sender
 (new at each start), and a node that sees a neighbour's session change drops what is pending
 with it and asks the algorithm to reset that edge (DADAO takes back the edge's share of z).
 
+Who is a neighbour: the topology's, or, without one, ``--degree`` live members picked at
+random, replaced when membership (``swim``) declares one dead; the seeds of ``--peers`` are
+the first. Every connection starts with the cluster key's challenge-response (``auth``) when
+the node has a key, and an inbound one must finish it and its Hello within
+``--handshake-timeout``. A fresh node that joins a cluster already trained starts from a
+neighbour's model (catch-up) before its own clocks start.
+
 A merge client (``gossipnode merge``) dials like a peer but is none: it fetches the model and
 sends back the cluster's average, which the node evaluates with BatchNorm statistics
 re-estimated on its data and hands to ``keep_merged``, training on its own model meanwhile.

@@ -91,7 +91,10 @@ def _translated() -> Iterator[None]:
 
 @dataclass(eq=False)
 class TcpStream:
-    stream: trio.SocketStream
+    """TCP, or TLS over it. TLS shakes hands on the first send or receive, so under whatever
+    deadline the caller has set for its own handshake."""
+
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
     remote: str = ""
 
     async def send_all(self, data: bytes | memoryview) -> None:
@@ -103,35 +106,10 @@ class TcpStream:
             return bytes(await self.stream.receive_some(max_bytes))
 
     async def receive_into(self, view: memoryview) -> int:
-        # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
-        with _translated():
-            return await self.stream.socket.recv_into(view)
-
-    async def aclose(self) -> None:
-        with _translated():
-            await self.stream.aclose()
-
-    def identity(self) -> str | None:
-        return None
-
-
-@dataclass(eq=False)
-class TlsStream:
-    """TCP inside TLS. The handshake happens on the first send or receive, so it runs under
-    whatever deadline the caller has set for its own handshake."""
-
-    stream: trio.SSLStream[trio.SocketStream]
-    remote: str = ""
-
-    async def send_all(self, data: bytes | memoryview) -> None:
-        with _translated():
-            await self.stream.send_all(data)
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        with _translated():
-            return bytes(await self.stream.receive_some(max_bytes))
-
-    async def receive_into(self, view: memoryview) -> int:
+        if isinstance(self.stream, trio.SocketStream):
+            # trio's SocketStream has no receive_into; its socket does, and it saves a copy.
+            with _translated():
+                return await self.stream.socket.recv_into(view)
         data = await self.receive_some(len(view))
         view[: len(data)] = data
         return len(data)
@@ -141,6 +119,8 @@ class TlsStream:
             await self.stream.aclose()
 
     def identity(self) -> str | None:
+        if not isinstance(self.stream, trio.SSLStream):
+            return None
         try:
             cert = self.stream.getpeercert()
         except trio.NeedHandshakeError:
@@ -197,7 +177,7 @@ class TcpTransport:
         if self.tls is None:
             return TcpStream(stream, remote)
         context = self.tls.server if server else self.tls.client
-        return TlsStream(trio.SSLStream(stream, context, server_side=server), remote)
+        return TcpStream(trio.SSLStream(stream, context, server_side=server), remote)
 
     async def serve(
         self,

@@ -21,6 +21,9 @@ COMMON = {
     "torch_threads": 1,
     "progress_every": 0,
     "seed": 1,
+    # About the mixing rules: neighbours as listed, everyone from its own start.
+    "probe_interval": 0,
+    "catch_up_after": 0,
 }
 
 
