@@ -59,12 +59,12 @@ from gossipnode.checkpoint import Checkpoint
 from gossipnode.clocks import Backoff, PoissonClock, Schedule
 from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
+from gossipnode.handshake import Ours, check_hello
 from gossipnode.learner import Learner
 from gossipnode.membership import Membership, Status
 from gossipnode.messages import (
     CLIENT,
     Busy,
-    Challenge,
     Error,
     Exchange,
     Fetch,
@@ -162,6 +162,14 @@ class Node:
         self.state = self.algorithm.init(self.initial_params)
         self.spec = tuple(TensorSpec.of(t) for t in self.algorithm.payload(self.state, 0.0))
         self.model_spec = (TensorSpec.of(self.algorithm.params(self.state, 0.0)),)
+        self._ours = Ours(
+            cfg.node_id,
+            self.task.name,
+            self.algorithm.name,
+            self.algorithm.signature,
+            self.spec,
+            self.model_spec,
+        )
         self.peers = [self._new_peer(addr) for addr in cfg.peers]
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
         self._inbound = 0  # connections being served
@@ -885,44 +893,16 @@ class Node:
     def _check_hello(self, conn: Connection, msg: Message, *, client_ok: bool = False) -> Hello:
         """``msg`` if it is the Hello of a peer we can gossip with (or, if ``client_ok``, of a
         merge client: no neighbour, so nothing of its session is noted)."""
-        if isinstance(msg, Challenge):
-            raise ProtocolError("the peer authenticates with a cluster key; this node has none")
-        if not isinstance(msg, Hello):
-            raise ProtocolError(f"expected Hello, got {type(msg).__name__}")
-        if msg.node_id != conn.peer_id:
-            raise ProtocolError(f"Hello of node {msg.node_id} sent as node {conn.peer_id}")
-        identity = conn.stream.identity()
-        if msg.role != CLIENT and identity is not None and identity != f"node-{msg.node_id}":
-            raise ProtocolError(f"node {msg.node_id} shows the certificate of {identity!r}")
-        if msg.role == CLIENT:
-            if not client_ok:
-                raise ProtocolError("expected a node, got a merge client")
-            self._check_agreement(msg, self.model_spec, unknown_ok=True)
-            return msg
-        if msg.node_id == self.config.node_id:
-            raise ProtocolError(f"peer claims this node's own id {msg.node_id}")
-        self._check_agreement(msg, self.spec)
-        self._meet(msg)
-        return msg
-
-    def _check_agreement(
-        self, msg: Hello, spec: tuple[TensorSpec, ...], *, unknown_ok: bool = False
-    ) -> None:
-        """Refuse a Hello for another task, signature or spec (``unknown_ok``: unless empty,
-        as a merge client leaves what it has not learnt yet)."""
-        if msg.task != self.task.name and not (unknown_ok and not msg.task):
-            raise ProtocolError(
-                f"peer trains task {msg.task!r}; this node trains {self.task.name!r}"
-            )
-        if msg.signature != self.algorithm.signature and not (unknown_ok and not msg.signature):
-            raise ProtocolError(
-                f"peer runs {self.algorithm.name} with {msg.signature or 'no parameters'}; "
-                f"this node with {self.algorithm.signature or 'no parameters'}"
-            )
-        if msg.payload_spec != spec and not (unknown_ok and not msg.payload_spec):
-            theirs = ", ".join(map(str, msg.payload_spec))
-            ours = ", ".join(map(str, spec))
-            raise ProtocolError(f"peer's payload is {theirs}; this node's is {ours}")
+        hello = check_hello(
+            msg,
+            self._ours,
+            sender=conn.peer_id,
+            identity=conn.stream.identity(),
+            client_ok=client_ok,
+        )
+        if hello.role != CLIENT:
+            self._meet(hello)
+        return hello
 
     def _connection_for(self, stream: Stream) -> Connection:
         return Connection(
