@@ -225,6 +225,7 @@ class Node:
                 for peer in self.peers:
                     await self._disconnect(peer)
                 if self._swim is not None:
+                    await self._swim.leave()
                     await self._swim.close()
                 if self.checkpoint_path is not None:  # the state where it stopped
                     await self._offload(checkpoint.save, self.checkpoint_path, self.checkpoint())

@@ -356,12 +356,16 @@ class MemoryNetwork:
     _streams: dict[Address, dict[int, MemoryStream]] = field(default_factory=dict)
     _ids: Iterator[int] = field(default_factory=itertools.count)
     _ports: Iterator[int] = field(default_factory=lambda: itertools.count(40000))
+    _down: set[Address] = field(default_factory=set)  # killed, until they serve again
 
     def endpoint(self, address: Address) -> Transport:
         return _NodeTransport(self, address)
 
     async def connect(self, address: Address, *, source: Address | None = None) -> Stream:
         now = trio.current_time()
+        if source in self._down:  # a crashed node sends nothing, not even goodbyes
+            await trio.lowlevel.checkpoint()
+            raise TransportError(f"{source} is down")
         if not self.timing.reachable(source, address, now):
             await trio.lowlevel.checkpoint()
             raise TransportError(f"{address} is unreachable")
@@ -396,6 +400,7 @@ class MemoryNetwork:
             raise TransportError(f"address {address} already in use")
         send, receive = trio.open_memory_channel[MemoryStream](64)
         self._listeners[address] = send
+        self._down.discard(address)
         try:
             async with receive, trio.open_nursery() as nursery:
                 task_status.started(address)
@@ -407,7 +412,9 @@ class MemoryNetwork:
             send.close()
 
     def kill(self, address: Address) -> None:
-        """Drop ``address``'s listener and every connection it has, as a crash does."""
+        """Drop ``address``'s listener and every connection it has, and refuse it new ones
+        until it serves again, as a crash does."""
+        self._down.add(address)
         channel = self._listeners.pop(address, None)
         if channel is not None:
             channel.close()

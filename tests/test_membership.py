@@ -137,8 +137,8 @@ async def test_nodes_join_through_one_seed_and_replace_a_dead_neighbour(
             assert len(node.peers) >= 2  # the seed and members met through it
             assert node.stats.exchanges["ok"] > 0
         # Node 5 crashes: the others find out within a few probe rounds and gossip on.
-        nodes[5].stop()
         net.kill(address(5))
+        nodes[5].stop()
         await trio.sleep(30)
         for node in nodes[:5]:
             assert node.membership is not None
@@ -183,4 +183,24 @@ async def test_a_partitioned_node_is_declared_dead_and_comes_back_after_the_heal
         await trio.sleep(5)
         assert nodes[3].stats.exchanges["ok"] > ok
         for node in nodes:
+            node.stop()
+
+
+async def test_a_node_that_stops_says_goodbye_and_is_replaced_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    n = 4
+    net = MemoryNetwork()
+    nodes = [member(i, n, net, degree=2) for i in range(n)]
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        await trio.sleep(15)
+        nodes[3].stop()  # SIGTERM, or its --duration is over
+        await trio.sleep(1.5)  # well within one suspicion timeout (4 s)
+        for node in nodes[:3]:
+            assert node.membership is not None
+            assert node.membership.status_of(3) == Status.DEAD, node.config.node_id
+            assert all(p.node_id != 3 for p in node.peers)
+        for node in nodes[:3]:
             node.stop()
