@@ -543,6 +543,17 @@ def status(
             f"{p['address']:<22}{p['node'] if p['node'] is not None else '-'!s:<6}{state:<12}"
             f"{p['rate_planned']:<11.3g}{p['rate_achieved']:<11.3g}{p['exchanges']}"
         )
+    members = record.get("members")
+    if members:
+        me = members["self"]
+        print(
+            f"members (this node at {me['address']}, incarnation {me['incarnation']}, "
+            f"health {me['health']}):"
+        )
+        for m in members["others"]:
+            print(
+                f"  {m['node']:<5}{m['address']:<22}{m['status']:<9}incarnation {m['incarnation']}"
+            )
 
 
 @app.command()

@@ -400,8 +400,12 @@ class Node:
             "stats": self.stats.snapshot(),
             "evaluation": self.evaluation,
             "members": self._members(),
-            "bytes_by_peer": {
-                str(node): {"sent": stats.peer_sent[node], "received": stats.peer_received[node]}
+            "by_peer": {  # every node met so far, neighbour now or not
+                str(node): {
+                    "sent": stats.peer_sent[node],
+                    "received": stats.peer_received[node],
+                    "exchanges": stats.peer_exchanges[node],
+                }
                 for node in sorted(stats.peer_sent.keys() | stats.peer_received.keys())
             },
             "peers": [
@@ -563,7 +567,9 @@ class Node:
                 self._initiating = False
             self.stats.count(outcome)
             if outcome in (Outcome.OK, Outcome.RECONCILED):
+                assert peer.node_id is not None  # it answered
                 peer.exchanges += 1
+                self.stats.peer_exchanges[peer.node_id] += 1
             if self.trace is not None:
                 self.trace(
                     "exchange",

@@ -68,7 +68,7 @@ def metrics_text(status: dict[str, Any]) -> str:
         [("", stats["over_limit"])],
     )
     metric("sent_bytes", "counter", "Bytes sent.", [("", stats["bytes_sent"])])
-    by_peer = status["bytes_by_peer"]
+    by_peer = status["by_peer"]
     metric(
         "peer_sent_bytes",
         "counter",
@@ -86,7 +86,7 @@ def metrics_text(status: dict[str, Any]) -> str:
         "peer_exchanges",
         "counter",
         "Exchanges this node initiated and completed, by peer.",
-        [(f'{{peer="{p["address"]}"}}', p["exchanges"]) for p in status["peers"]],
+        [(f'{{peer="{node}"}}', b["exchanges"]) for node, b in by_peer.items()],
     )
     metric("uptime_seconds", "gauge", "Seconds since the node started.", [("", status["elapsed"])])
     metric(

@@ -44,6 +44,7 @@ class Stats:
     # Bytes sent to and received from each node id (membership and merge traffic included).
     peer_sent: Counter[int] = field(default_factory=Counter)
     peer_received: Counter[int] = field(default_factory=Counter)
+    peer_exchanges: Counter[int] = field(default_factory=Counter)  # initiated here, applied
     # Squared distance between this node's payload and each neighbour's at their latest
     # exchange (before mixing): what a consensus distance is made of.
     peer_distance: dict[int, float] = field(default_factory=dict)

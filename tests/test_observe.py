@@ -76,7 +76,11 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
             for node in nodes:
                 await nursery.start(node.run)
             await trio.sleep(1.5)
-            nodes[1].stop()  # from now on node 0's exchanges only fail: its counts hold still
+            _, live_status = await get(metrics_port, "/status")  # while node 1 is a neighbour
+            table = await trio.to_thread.run_sync(
+                lambda: CliRunner().invoke(app, ["status", f"127.0.0.1:{metrics_port}"])
+            )
+            nodes[1].stop()  # it says goodbye; node 0's counters hold still from now on
             await outsiders(ports[0])
             await trio.sleep(0.5)
             line, body = await get(metrics_port, "/metrics")
@@ -93,7 +97,7 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
     assert values["gossipnode_exchanges_total{outcome=served}"] == mine["exchanges"]["served"]
     assert values["gossipnode_gradients_total"] == mine["gradients"] == 0
     assert values["gossipnode_sent_bytes_total"] <= mine["bytes_sent"]
-    assert values[f"gossipnode_peer_exchanges_total{{peer=127.0.0.1:{ports[1]}}}"] == ok
+    assert values["gossipnode_peer_exchanges_total{peer=1}"] == ok
     assert "gossipnode_eval_loss" in values  # the progress loop's evaluation
     assert values["gossipnode_handshake_failures_total"] == mine["handshake_failures"] == 2
     peer_bytes = values["gossipnode_peer_sent_bytes_total{peer=1}"]
@@ -105,8 +109,16 @@ async def test_metrics_parse_and_match_the_nodes_own_counters() -> None:
     assert status_line == "HTTP/1.0 200 OK"
     status: dict[str, Any] = json.loads(status_body)
     assert status["node"] == 0
-    assert status["peers"][0]["exchanges"] == ok
-    assert status["peers"][0]["rate_planned"] == 10.0  # half of the edge's 20/s
+    assert status["by_peer"]["1"]["exchanges"] == ok
+    assert status["peers"] == []  # node 1 left: no neighbour any more
+    neighbour = json.loads(live_status)["peers"][0]
+    assert neighbour["node"] == 1
+    assert neighbour["exchanges"] > 0
+    assert neighbour["rate_planned"] == 10.0  # half of the edge's 20/s
+    assert table.exit_code == 0, table.output
+    assert table.stdout.startswith("node 0 (gossip, logreg)"), table.stdout
+    assert f"127.0.0.1:{ports[1]}" in table.stdout  # the peer's row
+    assert "members (this node at 127.0.0.1:" in table.stdout
     assert missing.startswith("HTTP/1.0 404")
     assert post.startswith("HTTP/1.0 405")
 
