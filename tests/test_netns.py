@@ -182,21 +182,21 @@ def test_four_nodes_train_through_loss_and_a_rate_limit(make_cluster: Any) -> No
 @pytest.mark.integration
 def test_a_partitioned_node_drifts_and_rejoins(make_cluster: Any) -> None:
     cut = 3
-    with make_cluster("cut", GOSSIPNODE_DURATION="40", GOSSIPNODE_CHECKPOINT_EVERY="1") as cluster:
+    with make_cluster("cut", GOSSIPNODE_DURATION="48", GOSSIPNODE_CHECKPOINT_EVERY="1") as cluster:
         cluster.start_all()
         assert until(lambda: all_progressing(cluster), START_TIMEOUT)
         assert until(lambda: len(cluster.events(cut)) >= 10, 20)  # trained together a while
         before = checkpoints(cluster)
         cluster.cut(cut)
         cut_at = len(cluster.events(cut))
-        time.sleep(11)
+        time.sleep(14)
         during = checkpoints(cluster)
         alone = cluster.events(cut)[cut_at:]
         seen_by_0 = {p["address"]: p for p in cluster.status(0)["peers"]}
         held = cluster.status(cut)["stats"]["exchanges"]
         cluster.restore(cut)
         restored_at = len(cluster.events(cut))
-        codes = cluster.wait_all(40 + START_TIMEOUT)
+        codes = cluster.wait_all(48 + START_TIMEOUT)
     assert codes == {0: 0, 1: 0, 2: 0, 3: 0}, codes
     after = {r.node: r.final for r in results(cluster, codes) if r.final is not None}
     d = [drift(models, cut) for models in (before, during, after)]
@@ -231,6 +231,7 @@ def test_a_partitioned_node_drifts_and_rejoins(make_cluster: Any) -> None:
 def test_a_node_killed_with_sigkill_resumes_from_its_checkpoint(make_cluster: Any) -> None:
     victim = 2
     with make_cluster("kill", GOSSIPNODE_DURATION="32", GOSSIPNODE_CHECKPOINT_EVERY="1") as cluster:
+        started = time.monotonic()
         cluster.start_all()
         assert until(lambda: all_progressing(cluster), START_TIMEOUT)
         assert until(lambda: len(cluster.events(victim)) >= 10, 20)
@@ -240,8 +241,12 @@ def test_a_node_killed_with_sigkill_resumes_from_its_checkpoint(make_cluster: An
         steps = saved.meta["stats"]["gradients"]
         before = cluster.events(victim)
         time.sleep(2)  # down for a while: the others notice
-        # (to end about when the others do: alone at the end, it would drift on its own data)
-        cluster.start(victim, env={"GOSSIPNODE_RESUME": "true", "GOSSIPNODE_DURATION": "14"})
+        # To end when the others do (alone at the end it would drift on its own data): their
+        # 32 s and its rest both start after the same start-up.
+        rest = max(8.0, 32 - (time.monotonic() - started))
+        cluster.start(
+            victim, env={"GOSSIPNODE_RESUME": "true", "GOSSIPNODE_DURATION": f"{rest:.1f}"}
+        )
         assert until(lambda: len(cluster.events(victim)) > len(before), START_TIMEOUT)
         codes = cluster.wait_all(32 + START_TIMEOUT)
     log = cluster.log(victim).read_text()
@@ -263,7 +268,7 @@ def test_a_node_killed_with_sigkill_resumes_from_its_checkpoint(make_cluster: An
     assert first["accuracy"] > 0.5, first  # from its checkpoint, not from scratch (~0.1)
     summary = NodeResult.read(victim, 0, cluster.out).summary
     assert summary is not None
-    assert summary["gradients"] > steps + 200, (summary, steps)
+    assert summary["gradients"] > steps + 150, (summary, steps)
     assert summary["accuracy"] > 0.85, summary
     rep = report(results(cluster, codes), TASK, SEED)
     print("\n".join(rep.lines()))
