@@ -189,6 +189,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self.caught_up_from: int | None = None  # whose model a fresh node started from
         self._begun = False  # training and gossip have started
+        self._stopping = False
         if self.resume is not None:
             self._resume_from(self.resume)
 
@@ -221,6 +222,7 @@ class Node:
                         nursery.start_soon(self._checkpoint_loop, self.checkpoint_path)
                     task_status.started(self.address)
         finally:
+            self._stopping = True  # membership news changes no neighbour from here on
             with trio.CancelScope(shield=True):
                 for peer in self.peers:
                     await self._disconnect(peer)
@@ -273,7 +275,7 @@ class Node:
         """Without a topology the neighbours are live members picked at random: replace dead
         ones, fill up to the degree."""
         view = self.membership
-        if view is None or self.config.graph is not None or self._nursery is None:
+        if view is None or self.config.graph is not None or self._stopping:
             return
         for peer in list(self.peers):
             if self._dead(peer):
@@ -307,7 +309,7 @@ class Node:
 
     def _start_edge(self, peer: Peer) -> None:
         """Run ``peer``'s gossip clock until it is removed (once training has begun)."""
-        if self._nursery is None or not self._begun:
+        if self._nursery is None or not self._begun or self._stopping:
             return
 
         async def edge() -> None:
