@@ -280,7 +280,7 @@ class Node:
         for peer in list(self.peers):
             if self._dead(peer):
                 log.warning(
-                    "node %d: dropping neighbour %s: dead", self.config.node_id, peer.address
+                    "node %d: neighbour %s is dead (or left)", self.config.node_id, peer.address
                 )
                 self._remove_peer(peer)
         want = (self.config.degree or len(self.config.peers)) - len(self.peers)
