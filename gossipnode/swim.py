@@ -212,7 +212,8 @@ class Swim:
             level = logging.INFO if u.status == Status.ALIVE else logging.WARNING
             log.log(
                 level,
-                "member %d at %s is %s (incarnation %d)",
+                "node %d: member %d at %s is %s (incarnation %d)",
+                self.view.me,
                 u.node,
                 u.address,
                 u.status.value,
