@@ -10,7 +10,7 @@ network can be degraded and broken for real:
 - ``rate(i, mbit)``: a ``tbf`` qdisc limits host ``i``'s link (both directions);
 - ``cut(i)`` / ``restore(i)``: host ``i``'s port on the bridge goes down / up (a partition);
 - ``delay(i, ms)``: packets arriving at host ``i`` wait ``ms`` milliseconds (an NFQUEUE rule
-  and a small userspace delayer in this module, since the kernel has no netem).
+  and the small userspace delayer of ``nfqueue``, since the kernel has no netem).
 
 Needs root and ``ip`` (iproute2); ``tc`` (iproute2) for rates, ``nft`` (nftables) for loss,
 ``iptables`` for delays. Nothing else: the delayer speaks netlink itself.
@@ -30,27 +30,24 @@ import contextlib
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import secrets
-import select
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import yaml
+
+from gossipnode.nfqueue import QUEUE
 
 # Plain processes and wall-clock waits, no trio here: the monotonic clock is the right one.
 _clock = time.monotonic  # noqa: TID251
@@ -668,7 +665,7 @@ class NetnsCluster:
         """Hold every packet arriving at host ``i`` for ``ms`` milliseconds (so calling it on
         every host delays each direction of every link); 0 removes the delay.
 
-        The kernel has no netem, so a userspace delayer (``delayer`` below, one process in the
+        The kernel has no netem, so a userspace delayer (``nfqueue``, one process in the
         host's namespace) takes the packets from an NFQUEUE rule on INPUT, put there with
         ``iptables`` (the kernel has no nft ``queue``). Delaying on the receiver, not the
         sender, keeps the sender's TCP small-queue budget free. ``--queue-bypass``: whenever
@@ -689,11 +686,11 @@ class NetnsCluster:
                 old.wait(KILL_TIMEOUT)
         if ms == 0:
             return
-        args = ["delayer", "--queue", str(QUEUE), "--ms", f"{ms:g}", "--seconds", f"{seconds:g}"]
+        args = ["--queue", str(QUEUE), "--ms", f"{ms:g}", "--seconds", f"{seconds:g}"]
         log = self.out / f"delayer-{i}.log"
         with log.open("ab") as err:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", ns, self.python, "-m", "gossipnode.netns", *args],
+                ["ip", "netns", "exec", ns, self.python, "-m", "gossipnode.nfqueue", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -709,130 +706,6 @@ class NetnsCluster:
             proc.wait(KILL_TIMEOUT)
             raise NetnsError(f"the delayer of node {i} failed: {log.read_text()[-2000:].strip()}")
         _command(["ip", "netns", "exec", ns, "iptables", "-A", *rule])
-
-
-# ---------------------------------------------------------------------------- delayer
-# NFQUEUE over a raw netlink socket (linux/netfilter/nfnetlink_queue.h): bind a queue, get
-# each packet's id (metadata only, not its bytes), and give the verdict ACCEPT when it is due.
-
-QUEUE = 7
-_NETLINK_NETFILTER = 12
-_SOL_NETLINK = 270
-_NETLINK_NO_ENOBUFS = 5
-_NLMSG_ERROR = 2
-_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
-_QUEUE_PACKET, _QUEUE_VERDICT, _QUEUE_CONFIG = 3 << 8 | 0, 3 << 8 | 1, 3 << 8 | 2
-_CFG_CMD, _CFG_PARAMS, _CFG_QUEUE_MAXLEN, _CFG_MASK, _CFG_FLAGS = 1, 2, 3, 4, 5
-_CMD_BIND, _CMD_UNBIND = 1, 2
-_COPY_META = 1
-_F_FAIL_OPEN, _F_GSO = 1, 4  # accept when the queue is full; take GSO packets whole
-_NFQA_PACKET_HDR, _NFQA_VERDICT_HDR = 1, 2
-_NF_ACCEPT = 1
-
-
-def _attr(kind: int, data: bytes) -> bytes:
-    pad = b"\0" * (-len(data) % 4)
-    return struct.pack("=HH", 4 + len(data), kind) + data + pad
-
-
-def _nfq_message(kind: int, queue: int, attrs: bytes, flags: int = 0, family: int = 0) -> bytes:
-    body = struct.pack("=BBH", family, 0, socket.htons(queue)) + attrs
-    return struct.pack("=IHHII", 16 + len(body), kind, _NLM_F_REQUEST | flags, 0, 0) + body
-
-
-def _nfq_config(sock: socket.socket, queue: int, *attrs: bytes) -> None:
-    sock.send(_nfq_message(_QUEUE_CONFIG, queue, b"".join(attrs), _NLM_F_ACK))
-    reply = sock.recv(65536)
-    (kind,) = struct.unpack_from("=H", reply, 4)
-    if kind == _NLMSG_ERROR:
-        (error,) = struct.unpack_from("=i", reply, 16)
-        if error:
-            raise OSError(-error, f"NFQUEUE {queue}: {os.strerror(-error)}")
-
-
-def _packet_ids(data: bytes) -> Iterator[int]:
-    """The ids of the queued packets in one netlink read."""
-    at = 0
-    while at + 16 <= len(data):
-        length, kind = struct.unpack_from("=IH", data, at)
-        if length < 16:
-            return
-        if kind == _QUEUE_PACKET:
-            a = at + 20  # nlmsghdr, nfgenmsg
-            while a + 4 <= at + length:
-                alen, atype = struct.unpack_from("=HH", data, a)
-                if alen < 4:
-                    break
-                if atype & 0x7FFF == _NFQA_PACKET_HDR:
-                    yield struct.unpack_from("!I", data, a + 4)[0]
-                    break
-                a += (alen + 3) & ~3
-        at += (length + 3) & ~3
-
-
-def delayer(queue: int, ms: float, seconds: float, ready: IO[str] | None = None) -> int:
-    """Hold each packet of NFQUEUE ``queue`` ``ms`` milliseconds, for ``seconds`` at most (or
-    until SIGTERM/SIGINT), then accept everything held; returns the packets delayed."""
-    stop = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER)
-    sock.bind((0, 0))
-    sock.settimeout(5.0)  # for the configuration's acknowledgements
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE (root)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(_SOL_NETLINK, _NETLINK_NO_ENOBUFS, 1)
-    cmd = struct.pack("=BxH", _CMD_BIND, socket.htons(socket.AF_INET))
-    _nfq_config(sock, queue, _attr(_CFG_CMD, cmd))
-    _nfq_config(
-        sock,
-        queue,
-        _attr(_CFG_PARAMS, struct.pack("!IB", 0, _COPY_META)),
-        _attr(_CFG_QUEUE_MAXLEN, struct.pack("!I", 65536)),
-        _attr(_CFG_MASK, struct.pack("!I", _F_FAIL_OPEN | _F_GSO)),
-        _attr(_CFG_FLAGS, struct.pack("!I", _F_FAIL_OPEN | _F_GSO)),
-    )
-    sock.setblocking(False)
-    if ready is not None:
-        ready.write("ready\n")
-        ready.flush()
-    held: deque[tuple[float, int]] = deque()  # (due, id): one delay, so due times are in order
-    hold, end, count = ms / 1000, _clock() + seconds, 0
-
-    def release(until: float) -> None:
-        verdicts = []
-        while held and held[0][0] <= until:
-            verdict = struct.pack("!II", _NF_ACCEPT, held.popleft()[1])
-            verdicts.append(_nfq_message(_QUEUE_VERDICT, queue, _attr(_NFQA_VERDICT_HDR, verdict)))
-        if verdicts:
-            sock.send(b"".join(verdicts))
-
-    try:
-        while not stop and _clock() < end:
-            wait = max(0.0, held[0][0] - _clock()) if held else 0.2
-            readable, _, _ = select.select([sock], [], [], min(wait, 0.2))
-            if readable:
-                with contextlib.suppress(BlockingIOError, InterruptedError):
-                    for _ in range(256):  # then release what is due, then read on
-                        data = sock.recv(1 << 20)
-                        now = _clock()
-                        for packet in _packet_ids(data):
-                            held.append((now + hold, packet))
-                            count += 1
-            release(_clock())
-    finally:
-        release(math.inf)
-        with contextlib.suppress(OSError):
-            sock.settimeout(1.0)
-            _nfq_config(sock, queue, _attr(_CFG_CMD, struct.pack("=BxH", _CMD_UNBIND, 0)))
-        sock.close()
-    return count
 
 
 # ---------------------------------------------------------------------------- command line
@@ -957,18 +830,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     run.add_argument("--grace", type=float, default=30.0, help="seconds nodes get to stop")
     sub.add_parser("describe", parents=[common], help="print the cluster as JSON")
-    delay = sub.add_parser("delayer", help=argparse.SUPPRESS)  # NetnsCluster.delay's helper
-    delay.add_argument("--queue", type=int, default=QUEUE)
-    delay.add_argument("--ms", type=float, required=True)
-    delay.add_argument("--seconds", type=float, default=3600.0)
     down = sub.add_parser("down", help="remove namespaces left by a crashed run")
     down.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace name prefix")
     args = parser.parse_args(argv)
 
     try:
-        if args.command == "delayer":
-            delayer(args.queue, args.ms, args.seconds, ready=sys.stdout)
-            return 0
         if args.command == "describe":
             nodes = load_compose(args.compose)
             print(json.dumps(_describe(nodes, args.prefix, args.compose), indent=2))
