@@ -768,8 +768,12 @@ class Node:
 
     async def _drop(self, conn: Connection, reason: str) -> None:
         self.stats.count(Outcome.REJECTED)
-        log.warning(
-            "node %d: dropping connection from %s: %s", self.config.node_id, conn.peer_name, reason
+        log.log(
+            _level(self.stats.exchanges[Outcome.REJECTED]),
+            "node %d: dropping connection from %s: %s",
+            self.config.node_id,
+            conn.peer_name,
+            reason,
         )
         await self._send_error(conn, reason)
 
