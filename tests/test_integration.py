@@ -103,6 +103,9 @@ async def test_a_ring_of_four_trains_to_consensus_and_stops_on_sigterm(tmp_path:
     assert end < start / 10, (start, end)
 
 
+# Slow-marked to keep the default suite under ten minutes: test_node's crashed-neighbour test
+# (virtual time) and test_netns's SIGKILL test (real processes, as root) cover it.
+@pytest.mark.slow
 async def test_the_others_train_on_when_a_node_is_killed(tmp_path: Path) -> None:
     procs = await start_nodes(4, tmp_path, options(duration=20), stdout=subprocess.PIPE)
     watch = Watch(4)

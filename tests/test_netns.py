@@ -286,7 +286,7 @@ def test_a_late_joiner_with_one_seed_learns_its_neighbours_and_catches_up(
     with make_cluster("late", mesh=False, GOSSIPNODE_METRICS="0.0.0.0:9100") as cluster:
         assert cluster.node_environment(late)["GOSSIPNODE_PEERS"] == "198.18.0.10:7000"
         for i in (0, 1, 2):
-            cluster.start(i, env={"GOSSIPNODE_DURATION": "40"})
+            cluster.start(i, env={"GOSSIPNODE_DURATION": "34"})
         early = [i for i in cluster.nodes if i != late]
         assert until(lambda: all(cluster.events(i) for i in early), START_TIMEOUT)
         assert until(lambda: len(cluster.events(0)) >= 10, 30)  # trained a while without it
@@ -294,7 +294,7 @@ def test_a_late_joiner_with_one_seed_learns_its_neighbours_and_catches_up(
         assert until(lambda: len(cluster.events(late)) >= 3, START_TIMEOUT)
         status = cluster.status(late)
         seen = [cluster.status(i)["members"]["others"] for i in early]
-        codes = cluster.wait_all(40 + START_TIMEOUT)
+        codes = cluster.wait_all(34 + START_TIMEOUT)
     log = cluster.log(late).read_text()
     first = cluster.events(late)[0]
     print(f"late joiner's first progress: {first}")
