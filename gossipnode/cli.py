@@ -197,7 +197,7 @@ def run(
         str | None, Opt(help="Seconds an inbound connection has to authenticate (5).")
     ] = None,
     max_connections: Annotated[
-        str | None, Opt(help="Inbound connections served at once; more are closed (64).")
+        str | None, Opt(help="Inbound connections served at once; more are closed (256).")
     ] = None,
     probe_interval: Annotated[
         str | None, Opt(help="Seconds between failure-detection probes (1; 0 = no membership).")

@@ -80,7 +80,7 @@ class NodeConfig:
     tls_ca: Path | None = None
     insecure: bool = False
     handshake_timeout: float = 5.0  # seconds an inbound connection has to authenticate
-    max_connections: int = 64  # inbound connections served at once; more are closed
+    max_connections: int = 256  # inbound connections served at once; more are closed
     # Membership: --peers are seeds; the node tells the cluster it is at --advertise.
     advertise: Address | None = None  # default: --listen (which must then not be 0.0.0.0)
     degree: int | None = None  # neighbours without a topology; default: as many as --peers

@@ -31,6 +31,7 @@ from gossipnode.wire import ProtocolError
 log = logging.getLogger("gossipnode.swim")
 
 Dial = Callable[[Address], Awaitable[Connection]]  # an authenticated peer connection
+KEEP = 8  # probe connections kept open between requests
 
 
 @dataclass(eq=False)
@@ -127,6 +128,7 @@ class Swim:
                 with trio.fail_after(seconds):
                     if conn is None:
                         conn = self._conns[address] = await self.dial(address)
+                        await self._forget_idle()
                     await conn.send(msg)
                     reply = await conn.receive()
             except (trio.TooSlowError, TransportError, ProtocolError, RemoteError) as exc:
@@ -140,6 +142,13 @@ class Swim:
             return reply
         await self._drop(address)
         return None
+
+    async def _forget_idle(self) -> None:
+        """Keep at most ``KEEP`` probe connections open (the oldest idle ones go): each is an
+        inbound connection at the other end, and probing visits every member in turn."""
+        idle = [a for a in self._conns if not self._locks[a].locked()]
+        for address in idle[: max(0, len(self._conns) - KEEP)]:
+            await self._drop(address)
 
     async def _drop(self, address: Address) -> None:
         conn = self._conns.pop(address, None)

@@ -9,6 +9,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from gossipnode import swim
 from gossipnode.membership import Membership, Status, Update
 from gossipnode.netmodel import NetModel, Partition
 from gossipnode.node import Node
@@ -203,4 +204,25 @@ async def test_a_node_that_stops_says_goodbye_and_is_replaced_at_once(
             assert node.membership.status_of(3) == Status.DEAD, node.config.node_id
             assert all(p.node_id != 3 for p in node.peers)
         for node in nodes[:3]:
+            node.stop()
+
+
+async def test_probe_connections_stay_few_as_the_cluster_grows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    n = 14
+    net = MemoryNetwork()
+    nodes = [member(i, n, net, grad_rate=0.0) for i in range(n)]
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        await trio.sleep(40)  # every member probed a few times over
+        for node in nodes:
+            assert live_view(node) == set(range(n)) - {node.config.node_id}
+            assert node._swim is not None
+            # at most KEEP idle, plus the ones busy right now (probes, PingReqs)
+            kept = len(node._swim._conns)
+            assert kept <= swim.KEEP + 4, kept
+            assert kept < n - 1  # (uncapped, it would hold one to every member it probed)
+        for node in nodes:
             node.stop()
