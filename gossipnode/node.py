@@ -118,7 +118,6 @@ class Peer:
     conn: Connection | None = None
     pending: Pending | None = None
     up: bool = True  # last connection attempt worked; logs only the transitions
-    exchanges: int = 0  # initiated here and applied at both ends
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # its edge loop's
 
 
@@ -417,12 +416,17 @@ class Node:
                     "connected": p.conn is not None,
                     "up": p.up,
                     "rate_planned": p.rate,
-                    "rate_achieved": p.exchanges / elapsed,
-                    "exchanges": p.exchanges,
+                    "rate_achieved": self._exchanged(p) / elapsed,
+                    "exchanges": self._exchanged(p),
                 }
                 for p in self.peers
             ],
         }
+
+    def _exchanged(self, peer: Peer) -> int:
+        """Exchanges this node initiated with ``peer`` and both applied (by node, so they
+        survive the neighbour being dropped and picked again)."""
+        return self.stats.peer_exchanges[peer.node_id] if peer.node_id is not None else 0
 
     def _members(self) -> dict[str, Any] | None:
         view = self.membership
@@ -570,7 +574,6 @@ class Node:
             self.stats.count(outcome)
             if outcome in (Outcome.OK, Outcome.RECONCILED):
                 assert peer.node_id is not None  # it answered
-                peer.exchanges += 1
                 self.stats.peer_exchanges[peer.node_id] += 1
             if self.trace is not None:
                 self.trace(

@@ -92,8 +92,9 @@ class Swim:
                 self._learn(updates, now)
                 return Ack(probe_id, True, tuple(self.view.piggyback()))
             case PingReq(probe_id, _, address, updates):
+                target = _address(address)
                 self._learn(updates, now)
-                ok = await self.ping(Address.parse(address), self.view.probe_interval)
+                ok = await self.ping(target, self.view.probe_interval)
                 return Ack(probe_id, ok, tuple(self.view.piggyback()))
             case Sync(updates):
                 self._learn(updates, now)
@@ -131,17 +132,14 @@ class Swim:
                         await self._forget_idle()
                     await conn.send(msg)
                     reply = await conn.receive()
+                if not isinstance(reply, Ack | Sync):
+                    raise ProtocolError(f"unexpected {type(reply).__name__}")
+                self._learn(reply.updates, trio.current_time())
+                return reply
             except (trio.TooSlowError, TransportError, ProtocolError, RemoteError) as exc:
                 log.debug("membership: %s to %s failed: %s", type(msg).__name__, address, exc)
-                dropped = self._conns.pop(address, None)
-                if dropped is not None:
-                    await dropped.aclose()
+                await self._drop(address)
                 return None
-        if isinstance(reply, Ack | Sync):
-            self._learn(reply.updates, trio.current_time())
-            return reply
-        await self._drop(address)
-        return None
 
     async def _forget_idle(self) -> None:
         """Keep at most ``KEEP`` probe connections open (the oldest idle ones go): each is an
@@ -209,6 +207,9 @@ class Swim:
     # ------------------------------------------------------------------ helpers
 
     def _learn(self, updates: Sequence[Update], now: float) -> None:
+        """Take in a peer's news; ProtocolError, and nothing taken, if an address is bad."""
+        for u in updates:
+            _address(u.address)
         incarnation = self.view.incarnation
         changed = self.view.apply_all(updates, now)
         if self.view.incarnation != incarnation:
@@ -242,3 +243,11 @@ class Swim:
     def _next_id(self) -> int:
         self._probe_ids += 1
         return self._probe_ids
+
+
+def _address(text: str) -> Address:
+    """A member's address as a peer gave it; ProtocolError if it is not host:port."""
+    try:
+        return Address.parse(text)
+    except ValueError as exc:
+        raise ProtocolError(f"bad member address: {exc}") from None

@@ -6,11 +6,14 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from gossipnode import swim
+from gossipnode.connection import RemoteError
 from gossipnode.membership import Membership, Status, Update
+from gossipnode.messages import PingReq, Sync
 from gossipnode.netmodel import NetModel, Partition
 from gossipnode.node import Node
 from gossipnode.transport import MemoryNetwork
@@ -224,5 +227,31 @@ async def test_probe_connections_stay_few_as_the_cluster_grows(
             kept = len(node._swim._conns)
             assert kept <= swim.KEEP + 4, kept
             assert kept < n - 1  # (uncapped, it would hold one to every member it probed)
+        for node in nodes:
+            node.stop()
+
+
+async def test_a_member_naming_bad_addresses_is_refused_not_obeyed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A member's PingReq or update with an address that does not parse: that connection is
+    dropped with the reason; the node keeps running and keeps no such member."""
+    net = MemoryNetwork()
+    nodes = [member(i, 2, net) for i in range(2)]
+    async with trio.open_nursery() as nursery:
+        for node in nodes:
+            await nursery.start(node.run)
+        await trio.sleep(5)
+        bad = (Update(9, "no port here", 0, Status.ALIVE),)
+        for msg in (PingReq(1, 9, "no port here", ()), Sync(bad)):
+            conn = await nodes[1]._dial(address(0))  # a member: node 1's own handshake
+            await conn.send(msg)
+            with pytest.raises(RemoteError, match="bad member address: 'no port here'"):
+                await conn.receive()
+            await conn.aclose()
+        await trio.sleep(5)
+        assert nodes[0].membership is not None
+        assert 9 not in nodes[0].membership.members
+        assert nodes[0].stats.exchanges["ok"] + nodes[0].stats.exchanges["served"] > 0
         for node in nodes:
             node.stop()
