@@ -91,6 +91,7 @@ log = logging.getLogger("gossipnode.node")
 
 T = TypeVar("T")
 Emit = Callable[[str, dict[str, Any]], None]
+DISTANCE_EVERY = 5.0  # seconds between measurements of the distance to one neighbour
 
 
 def _ignore(kind: str, fields: dict[str, Any]) -> None:
@@ -172,6 +173,7 @@ class Node:
         self.peers = [self._new_peer(addr) for addr in cfg.peers]
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
         self._inbound = 0  # connections being served
+        self._distance_at: dict[int, float] = {}  # peer -> when its distance was measured
         self._buffers = BufferPool()  # receive buffers, shared by all connections
         self._initiating = False
         self._mixes = 0
@@ -423,6 +425,14 @@ class Node:
             ],
         }
 
+    def _note_distance(self, peer: int, ours: Payload, theirs: Payload) -> None:
+        """Refresh the consensus estimate's distance to ``peer``, at most every few seconds:
+        it is a pass over the model on the event loop (54 ms for 100 MB)."""
+        now = self.now()
+        if now - self._distance_at.get(peer, -math.inf) >= DISTANCE_EVERY:
+            self._distance_at[peer] = now
+            self.stats.peer_distance[peer] = _distance2(ours, theirs)
+
     def _exchanged(self, peer: Peer) -> int:
         """Exchanges this node initiated with ``peer`` and both applied (by node, so they
         survive the neighbour being dropped and picked again)."""
@@ -610,7 +620,7 @@ class Node:
             case Reply(exchange_id, payload) if exchange_id == pending.exchange_id:
                 check_payload(payload, self.spec)
                 assert peer.node_id is not None  # known since the handshake
-                self.stats.peer_distance[peer.node_id] = _distance2(pending.sent, payload)
+                self._note_distance(peer.node_id, pending.sent, payload)
                 self.state = self.algorithm.mix(
                     self.state, pending.sent, payload, self.now(), peer.node_id
                 )
@@ -798,7 +808,7 @@ class Node:
             # Applied exactly once, delivered or not: if the reply is lost, the initiator's
             # retry is answered from the cache. (The pair, not the state, is what is mixed,
             # so whatever changed during the send is kept.)
-            self.stats.peer_distance[peer_id] = _distance2(reply, request.payload)
+            self._note_distance(peer_id, reply, request.payload)
             self.state = self.algorithm.mix(self.state, reply, request.payload, self.now(), peer_id)
             self._mixes += 1
             self.stats.count(Outcome.SERVED)
