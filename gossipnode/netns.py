@@ -9,6 +9,7 @@ network can be degraded and broken for real:
 - ``loss(i, pct)``: nftables drops ``pct`` % of host ``i``'s outgoing packets at random;
 - ``rate(i, mbit)``: a ``tbf`` qdisc limits host ``i``'s link (both directions);
 - ``cut(i)`` / ``restore(i)``: host ``i``'s port on the bridge goes down / up (a partition);
+- ``partition(groups)`` / ``heal()``: no packet crosses between the groups (nftables);
 - ``delay(i, ms)``: packets arriving at host ``i`` wait ``ms`` milliseconds (an NFQUEUE rule
   and the small userspace delayer of ``nfqueue``, since the kernel has no netem).
 
@@ -39,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +61,7 @@ DEFAULT_PREFIX = "gn"
 COMMAND_TIMEOUT = 15.0  # seconds any ip/nft/tc command may take
 KILL_TIMEOUT = 10.0  # seconds a SIGKILLed process may take to be reaped
 NFT_TABLE = "gossipnode_netns"
+NFT_SPLIT = "gossipnode_split"  # a table of its own, so a partition and a loss rule coexist
 ENV_PREFIX = "GOSSIPNODE_"
 
 _PREFIX_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,7}(-[A-Za-z0-9]{1,8})?")
@@ -611,10 +613,9 @@ class NetnsCluster:
         """Drop ``percent`` % of host ``i``'s outgoing packets at random (nftables); 0 removes."""
         if not 0 <= percent <= 100:
             raise ValueError(f"loss must be between 0 and 100 %, got {percent}")
-        # Creating the table first makes the delete succeed whether or not it was there.
-        script = f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
+        rules = ""
         if percent > 0:
-            script += (
+            rules = (
                 f"table inet {NFT_TABLE} {{\n"
                 "  chain out {\n"
                 "    type filter hook output priority 0; policy accept;\n"
@@ -623,12 +624,13 @@ class NetnsCluster:
                 "  }\n"
                 "}\n"
             )
-        _command(["ip", "netns", "exec", self.namespace(i), "nft", "-f", "-"], stdin=script)
+        self._nft(i, NFT_TABLE, rules)
 
-    def dropped(self, i: int) -> int:
-        """Packets the loss rule of host ``i`` has dropped (0 without one)."""
+    def dropped(self, i: int, table: str = NFT_TABLE) -> int:
+        """Packets host ``i``'s loss rule (or, with ``NFT_SPLIT``, its partition) has dropped
+        so far (0 without one)."""
         done = _command(
-            ["ip", "netns", "exec", self.namespace(i), "nft", "list", "table", "inet", NFT_TABLE],
+            ["ip", "netns", "exec", self.namespace(i), "nft", "list", "table", "inet", table],
             check=False,
         )
         return sum(int(n) for n in re.findall(r"counter packets (\d+)", done.stdout))
@@ -652,6 +654,38 @@ class NetnsCluster:
                 ["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", *tbf]
             )
             self._shaped.add((ns, dev))
+
+    def partition(self, groups: Sequence[Collection[int]]) -> None:
+        """Split the hosts into ``groups`` (together, every host): each host drops what it
+        sends to hosts outside its group (nftables), so no packet crosses; ``heal`` ends it."""
+        placed = [i for group in groups for i in group]
+        if sorted(placed) != sorted(self.nodes):
+            raise ValueError(f"the groups must hold every node once: {sorted(placed)}")
+        for group in groups:
+            others = ", ".join(n.address for i, n in self.nodes.items() if i not in group)
+            if not others:
+                continue
+            rules = (
+                f"table inet {NFT_SPLIT} {{\n"
+                "  chain out {\n"
+                "    type filter hook output priority 0; policy accept;\n"
+                f"    ip daddr {{ {others} }} counter drop\n"
+                "  }\n"
+                "}\n"
+            )
+            for i in group:
+                self._nft(i, NFT_SPLIT, rules)
+
+    def heal(self) -> None:
+        """End a ``partition``."""
+        for i in self.nodes:
+            self._nft(i, NFT_SPLIT, "")
+
+    def _nft(self, i: int, table: str, rules: str) -> None:
+        """Replace host ``i``'s nftables ``table`` by ``rules`` (empty: remove it)."""
+        # Creating the table first makes the delete succeed whether or not it was there.
+        script = f"table inet {table}\ndelete table inet {table}\n{rules}"
+        _command(["ip", "netns", "exec", self.namespace(i), "nft", "-f", "-"], stdin=script)
 
     def cut(self, i: int) -> None:
         """Partition host ``i`` from the others: its port on the bridge goes down."""

@@ -381,6 +381,40 @@ def test_delay_holds_the_packets_a_host_receives(namespaces_work: None, tmp_path
     assert again < 10
 
 
+REACHES = """
+import socket, sys
+try:  # no one listens on port 9: an answer (refused) means the packets got through
+    socket.create_connection((sys.argv[1], 9), timeout=1).close()
+except ConnectionRefusedError:
+    print("yes")
+except OSError:
+    print("no")
+"""
+
+
+def test_a_partition_drops_what_crosses_between_groups_until_healed(
+    namespaces_work: None, tmp_path: Path
+) -> None:
+    nodes = [NodeSpec(i, f"198.18.0.{10 + i}") for i in range(4)]
+    with NetnsCluster(
+        f"t{os.getpid() % 10_000_000}-split", nodes, tmp_path, key=tmp_path / "k"
+    ) as c:
+
+        def reaches(i: int, j: int) -> bool:
+            answer = c.exec(i, [sys.executable, "-c", REACHES, nodes[j].address]).stdout
+            return answer.strip() == "yes"
+
+        pairs = [(0, 1), (2, 3), (0, 2), (3, 1)]
+        assert all(reaches(i, j) for i, j in pairs)
+        c.partition([{0, 1}, {2, 3}])
+        assert [reaches(i, j) for i, j in pairs] == [True, True, False, False]
+        assert c.dropped(0, netns.NFT_SPLIT) > 0
+        c.heal()
+        assert all(reaches(i, j) for i, j in pairs)
+        with pytest.raises(ValueError, match="every node once"):
+            c.partition([{0, 1}, {2}])
+
+
 def test_leftovers_of_a_crashed_run_are_removed_first(
     namespaces_work: None, tmp_path: Path
 ) -> None:
