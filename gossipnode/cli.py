@@ -202,6 +202,13 @@ def run(
     probe_interval: Annotated[
         str | None, Opt(help="Seconds between failure-detection probes (1; 0 = no membership).")
     ] = None,
+    rewire_every: Annotated[
+        str | None,
+        Opt(
+            help="Without --topology, a random neighbour is swapped for another live member "
+            "on average every this many seconds (30; 0 = only dead ones are replaced)."
+        ),
+    ] = None,
     catch_up_after: Annotated[
         str | None,
         Opt(

@@ -85,6 +85,10 @@ class NodeConfig:
     advertise: Address | None = None  # default: --listen (which must then not be 0.0.0.0)
     degree: int | None = None  # neighbours without a topology; default: as many as --peers
     probe_interval: float = 1.0  # seconds between failure-detection probes; 0 = no membership
+    # Random neighbours (no topology) are swapped one at a time, on average this often, for
+    # live members that are not neighbours: a peer sampling that reconnects a healed partition
+    # (whose halves picked neighbours among themselves) and keeps the graph mixing; 0 = never.
+    rewire_every: float = 30.0
     # A fresh node starts from a neighbour's model if that one has taken this many more
     # gradient steps (it joined late, or restarted without --resume); 0 = never.
     catch_up_after: int = 100
@@ -298,6 +302,7 @@ OPTIONS = {
         Option("advertise", "advertise", _address),
         Option("degree", "degree", _int(1)),
         Option("probe_interval", "probe_interval", _float()),
+        Option("rewire_every", "rewire_every", _float()),
         Option("catch_up_after", "catch_up_after", _int(0)),
     ]
 }

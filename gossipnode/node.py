@@ -61,7 +61,7 @@ from gossipnode.config import NodeConfig
 from gossipnode.connection import Connection, RemoteError
 from gossipnode.handshake import Ours, check_hello
 from gossipnode.learner import Learner
-from gossipnode.membership import Membership, Status
+from gossipnode.membership import Member, Membership, Status
 from gossipnode.messages import (
     CLIENT,
     Busy,
@@ -271,6 +271,8 @@ class Node:
                 log.info("node %d: no seed answered yet; retrying in the background", cfg.node_id)
         self._nursery.start_soon(self._swim.run)
         self._membership_changed()
+        if cfg.graph is None and cfg.rewire_every > 0:
+            self._nursery.start_soon(self._rewire_loop)
 
     def _membership_changed(self) -> None:
         """Without a topology the neighbours are live members picked at random: replace dead
@@ -285,18 +287,48 @@ class Node:
                 )
                 self._remove_peer(peer)
         want = (self.config.degree or len(self.config.peers)) - len(self.peers)
-        taken = {p.node_id for p in self.peers} | {str(p.address) for p in self.peers}
-        free = [m for m in view.live() if m.status == Status.ALIVE]
-        free = [m for m in free if m.node not in taken and m.address not in taken]
+        free = self._free_members()
         rng = self._rng("neighbours", str(len(view.members)), str(view.incarnation))
         for member in rng.sample(free, max(0, min(want, len(free)))):
+            self._add_neighbour(member)
+
+    def _free_members(self) -> list[Member]:
+        """Live members that are not neighbours (and not suspected)."""
+        assert self.membership is not None
+        taken = {p.node_id for p in self.peers} | {str(p.address) for p in self.peers}
+        live = [m for m in self.membership.live() if m.status == Status.ALIVE]
+        return [m for m in live if m.node not in taken and m.address not in taken]
+
+    def _add_neighbour(self, member: Member) -> None:
+        log.info(
+            "node %d: new neighbour %d at %s", self.config.node_id, member.node, member.address
+        )
+        peer = self._new_peer(Address.parse(member.address))
+        peer.node_id = member.node
+        self.peers.append(peer)
+        self._start_edge(peer)
+
+    async def _rewire_loop(self) -> None:
+        """Now and then (Poisson, mean --rewire-every) swap one random neighbour, not in an
+        exchange of ours, for a random live member that is not one. Neighbours picked from
+        membership would otherwise stay whatever they were when picked: the halves of a healed
+        partition, having replaced each other's nodes by their own, would never mix again."""
+        rng = self._rng("rewire")
+        while True:
+            await trio.sleep(rng.expovariate(1 / self.config.rewire_every))
+            idle = [p for p in self.peers if p.pending is None and p.node_id is not None]
+            free = self._free_members()
+            if self._stopping or not idle or not free:
+                continue
+            old, new = rng.choice(idle), rng.choice(free)
             log.info(
-                "node %d: new neighbour %d at %s", self.config.node_id, member.node, member.address
+                "node %d: rewiring: neighbour %s gives way to %d",
+                self.config.node_id,
+                old.node_id,
+                new.node,
             )
-            peer = self._new_peer(Address.parse(member.address))
-            peer.node_id = member.node
-            self.peers.append(peer)
-            self._start_edge(peer)
+            self._remove_peer(old)
+            self._add_neighbour(new)
 
     def _dead(self, peer: Peer) -> bool:
         view = self.membership
