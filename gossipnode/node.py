@@ -91,7 +91,7 @@ log = logging.getLogger("gossipnode.node")
 
 T = TypeVar("T")
 Emit = Callable[[str, dict[str, Any]], None]
-DISTANCE_EVERY = 5.0  # seconds between measurements of the distance to one neighbour
+DISTANCE_SAMPLE = 1 << 16  # coordinates of a large model the consensus estimate looks at
 
 
 def _ignore(kind: str, fields: dict[str, Any]) -> None:
@@ -173,7 +173,7 @@ class Node:
         self.peers = [self._new_peer(addr) for addr in cfg.peers]
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
         self._inbound = 0  # connections being served
-        self._distance_at: dict[int, float] = {}  # peer -> when its distance was measured
+        self._distance_rng = self._rng("distance")
         self._buffers = BufferPool()  # receive buffers, shared by all connections
         self._initiating = False
         self._mixes = 0
@@ -458,12 +458,10 @@ class Node:
         }
 
     def _note_distance(self, peer: int, ours: Payload, theirs: Payload) -> None:
-        """Refresh the consensus estimate's distance to ``peer``, at most every few seconds:
-        it is a pass over the model on the event loop (54 ms for 100 MB)."""
-        now = self.now()
-        if now - self._distance_at.get(peer, -math.inf) >= DISTANCE_EVERY:
-            self._distance_at[peer] = now
-            self.stats.peer_distance[peer] = _distance2(ours, theirs)
+        """Refresh the consensus estimate's distance to ``peer`` (a pass over the whole of a
+        100 MB model would hold the event loop for 50-150 ms: large ones are sampled)."""
+        offset = self._distance_rng.random()
+        self.stats.peer_distance[peer] = _distance2(ours[0], theirs[0], offset)
 
     def _exchanged(self, peer: Peer) -> int:
         """Exchanges this node initiated with ``peer`` and both applied (by node, so they
@@ -1014,9 +1012,16 @@ def _within(seconds: float, error: type[Exception], what: str) -> Iterator[None]
         raise error(f"{what} within {seconds:g}s") from None
 
 
-def _distance2(ours: Payload, theirs: Payload) -> float:
-    """The squared distance between two payloads' first tensors (the model, for most rules)."""
-    return float(torch.dist(ours[0], theirs[0]) ** 2)
+def _distance2(a: torch.Tensor, b: torch.Tensor, offset: float) -> float:
+    """The squared distance between ``a`` and ``b`` (a payload's first tensor: the model, for
+    most rules); beyond DISTANCE_SAMPLE coordinates, estimated from every k-th coordinate
+    from a point set by ``offset`` in [0, 1) (unbiased over a uniform ``offset``)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    step = a.numel() // DISTANCE_SAMPLE
+    if step <= 1:
+        return float(torch.dist(a, b) ** 2)
+    start = int(offset * step)  # every coordinate is in the sample with probability 1/step
+    return float(torch.dist(a[start::step], b[start::step]) ** 2) * step
 
 
 def _level(count: int) -> int:

@@ -190,3 +190,19 @@ async def test_dadao_nodes_with_other_parameters_refuse_each_other(
     assert sa["exchanges"]["rejected"] >= 1
     assert a.algorithm.signature != b.algorithm.signature
     assert a.algorithm.signature == c.algorithm.signature
+
+
+def test_the_consensus_estimate_samples_large_models_without_bias() -> None:
+    from gossipnode.node import DISTANCE_SAMPLE, _distance2
+
+    torch.manual_seed(0)
+    small = torch.randn(1000, dtype=torch.float64)
+    assert _distance2(small, small + 2, 0.7) == pytest.approx(4 * 1000)
+    n = 3 * DISTANCE_SAMPLE + 5  # every third coordinate in a sample
+    a = torch.randn(n, dtype=torch.float64)
+    b = a + torch.randn(n, dtype=torch.float64) ** 3  # uneven differences
+    exact = float(((a - b) ** 2).sum())
+    step = n // DISTANCE_SAMPLE
+    estimates = [_distance2(a, b, k / step) for k in range(step)]
+    assert all(e != pytest.approx(exact, rel=1e-4) for e in estimates)  # each one a sample
+    assert sum(estimates) / step == pytest.approx(exact, rel=1e-9)  # their mean: exact
