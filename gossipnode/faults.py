@@ -3,7 +3,8 @@ each run against the fault-free run of the same mode.
 
     scripts/faults [--mode sim|real|both] [--only FAULT ...] [--out DIR]
 
-Faults (times are seconds of training, from when every node is up):
+Faults (times are seconds of training, from when every node is up; a run trains 120 s, in
+virtual time as for real, so the last fault ends more than a minute before the end):
 
 - ``kill``: a quarter of the nodes, at random times, SIGKILLed and restarted 5 s later (real
   nodes resume from their checkpoint, written every 2 s);
@@ -410,7 +411,7 @@ def run_suite(
     *,
     n: int = 16,
     sim_duration: float = 120.0,
-    real_duration: float = 80.0,
+    real_duration: float = 120.0,
     out: Path,
     report: Callable[[Row], None] = lambda row: None,
 ) -> list[Row]:
@@ -462,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument("--nodes", type=int, default=16)
     parser.add_argument("--sim-duration", type=float, default=120.0, help="virtual seconds")
-    parser.add_argument("--real-duration", type=float, default=80.0, help="seconds of training")
+    parser.add_argument("--real-duration", type=float, default=120.0, help="seconds of training")
     parser.add_argument("--out", type=Path, help="write faults.json and faults.md here")
     args = parser.parse_args(argv)
     if args.nodes < 4:
