@@ -1,14 +1,15 @@
 """Exchange throughput and latency: real nodes vs a plain socket, same run.
 
     .venv/bin/python scripts/bench/wire.py [--mb 1 10 100] [--latency-kb 10] [--seconds 15]
-        [--rounds 30] [--latency-rounds 1000] [--repeats 3] [--out benchmarks]
+        [--rounds 30] [--latency-rounds 1000] [--repeats 5] [--out benchmarks]
 
 Two ``gossipnode run`` processes on 127.0.0.1 (this file is also their task: a model of
 BENCH_MB megabytes of float32, no training); node 0 starts exchanges, node 1 only answers. An
 exchange is timed by node 0 from taking its payload to having applied the reply: 2 x the model
-on the wire plus the checks and the mixing at both ends. The baseline, run right after in the
-same repeat, sends the same bytes with plain blocking sockets (``sendall`` of the buffer,
-``recv_into`` a preallocated one, then the same back), paced at the exchanges' rate. Each
+on the wire plus the checks and the mixing at both ends. The baseline, in the same repeat
+(half of its round trips just before the nodes run, half just after), sends the same bytes
+with plain blocking sockets (``sendall`` of the buffer, ``recv_into`` a preallocated one,
+then the same back), paced at the exchanges' rate. Each
 model size (``--mb``) gives a throughput row, ratio = plain / exchange (1.0 = as fast as raw
 sockets; target >= 0.8 at 100 MB); the small model (``--latency-kb``) gives the latency row.
 Figures are medians over ``--repeats``; wire.json and wire.md go into ``--out``.
@@ -187,12 +188,15 @@ def plain_round_trips(mb: float, rounds: int, rate: float) -> list[float]:
 
 
 def measure(mb: float, seconds: float, rounds: int, rate: float) -> dict[str, Any]:
-    """One repeat of one size: nodes exchange for ``seconds``, then ``rounds`` plain trips."""
+    """One repeat of one size: half of ``rounds`` plain trips, the nodes exchanging for
+    ``seconds``, the other half: the baseline brackets the exchanges, so a machine that
+    slows down or speeds up during the repeat moves both alike."""
+    plain = plain_round_trips(mb, rounds // 2, rate)
     summary = run_nodes(mb, seconds, rate)
     exchange = summary["exchange_seconds_median"]
     if exchange is None:
         raise SystemExit("no exchange completed: " + json.dumps(summary))
-    plain = plain_round_trips(mb, rounds, rate)
+    plain += plain_round_trips(mb, rounds - rounds // 2, rate)
     baseline = statistics.median(plain)
     return {
         "exchanges": summary["exchanges"]["ok"],
@@ -262,13 +266,13 @@ Two `gossipnode run` processes on 127.0.0.1 (`--insecure`, no training, one torc
 the model one float32 vector. Node 0 starts exchanges on its Poisson clock at the rate given
 per size; node 1 only answers. Node 0 times each exchange from taking its payload to having
 applied the reply (both directions on the wire, the checks, the mixing at both ends); median
-and p90 are over its last 1,024 exchanges. The baseline, right after in the same repeat: two
-processes with plain blocking sockets (TCP_NODELAY, as trio sets it) send the same bytes,
-`sendall` then `recv_into` a preallocated buffer and the same back, paced at the same rate
-as the exchanges (the echo side wakes from idle, as the responder does; back to back, 10 KB
-and 1 MB round trips took under half the time on this VM). Ratio = plain / exchange. Other
-work: CPU the rest of the shared machine used during the repeat; a repeat during which it
-passed 0.3 cores was run again (twice at most)."""
+and p90 are over its last 1,024 exchanges. The baseline, half just before and half just
+after in the same repeat: two processes with plain blocking sockets (TCP_NODELAY, as trio
+sets it) send the same bytes, `sendall` then `recv_into` a preallocated buffer and the same
+back, paced at the same rate as the exchanges (the echo side wakes from idle, as the
+responder does; back to back, 10 KB and 1 MB round trips took under half the time on this
+VM). Ratio = plain / exchange. Other work: CPU the rest of the shared machine used during
+the repeat; a repeat during which it passed 0.3 cores was run again (twice at most)."""
 
 
 def markdown(command: str, sizes: list[dict[str, Any]], latency: dict[str, Any] | None) -> str:
@@ -296,7 +300,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="node exchanges per repeat")
     parser.add_argument("--rounds", type=int, default=30, help="plain round trips per repeat")
     parser.add_argument("--latency-rounds", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     args = parser.parse_args()
     command = shlex.join([".venv/bin/python", *sys.argv])
