@@ -1,7 +1,7 @@
 """Compute/communication overlap: gradient steps/s with gossip off vs on, same run.
 
-    .venv/bin/python scripts/bench/overlap.py [--rates 1 5 20] [--seconds 25] [--warmup 5]
-        [--repeats 3] [--out benchmarks]
+    .venv/bin/python scripts/bench/overlap.py [--rates 1 5 20] [--seconds 20] [--warmup 5]
+        [--repeats 5] [--out benchmarks]
 
 Two ``gossipnode run`` processes on 127.0.0.1, one edge between them. The workload is this
 file's task: the digits deep MLP (five hidden layers of 1,024: 4.3 M parameters, a 17 MB
@@ -11,7 +11,8 @@ forward pass over the test set each). Gradients run back to back (``--grad-rate 
 node computes each one in a worker thread on a snapshot of the model and applies it on its
 event loop when it returns, then starts the next, while exchanges run on the event loop on
 their own Poisson clocks. Each run is one gossip rate (``--gossip-rate``, exchanges/s of the
-edge, both ends together); rate 0 (gossip off) is the baseline of every repeat. Two set-ups:
+edge, both ends together); rate 0 (gossip off), run before the rates and again after them,
+is the baseline of every repeat (the mean of the two). Two set-ups:
 
 * ``both``: both nodes train. Each has one torch thread, so the two gradient threads alone
   fill the machine's 2 cores: every cycle the exchanges spend (socket copies, checks, mixing)
@@ -197,7 +198,8 @@ thread (`trio.to_thread`) on a snapshot of the model and applied on the event lo
 returns, and the next starts right after. Exchanges run on the event loop, on Poisson clocks
 (each end starts half the edge's rate), one of a node's own at a time: ticks that fall during
 its own exchange are skipped, so fewer exchanges get done than the rate asks. The baseline is
-the same pair with `--gossip-rate 0`, in the same repeat. Steps/s: from a trainer's progress
+the same pair with `--gossip-rate 0`, run just before the rates and again just after them in
+the same repeat (their mean; the off row shows it). Steps/s: from a trainer's progress
 lines after the warm-up. CPU: user + system time of both node processes over the run, in cores
 (of 2). Other work: what the rest of the (shared) machine used meanwhile; a run during which
 it passed 0.3 cores was run again (twice at most).
@@ -223,9 +225,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 5.0, 20.0])
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
-    parser.add_argument("--seconds", type=float, default=25.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds not counted")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     args = parser.parse_args()
     command = shlex.join([".venv/bin/python", *sys.argv])
@@ -233,13 +235,23 @@ def main() -> None:
     runs: dict[str, dict[float, list[dict[str, Any]]]] = {
         s: {r: [] for r in rates} for s in args.setups
     }
+
+    def one_run(setup: str, rate: float) -> dict[str, Any]:
+        pair = quietly(partial(run_pair, SETUPS[setup], rate, args.seconds, args.warmup))
+        return combine(pair)
+
     for k in range(args.repeats):  # set-ups and rates inside repeats: noise hits them all
         for setup in args.setups:
-            for rate in rates:
-                pair = quietly(partial(run_pair, SETUPS[setup], rate, args.seconds, args.warmup))
-                run = combine(pair)
+            # Gossip off before and after the rates: the baseline brackets them, so a machine
+            # that drifts during the repeat moves both alike.
+            done = {rate: one_run(setup, rate) for rate in rates}
+            after = one_run(setup, 0.0)
+            off = done[0.0]
+            off["steps_per_s_after"] = after["steps_per_s"]
+            off["steps_per_s"] = (off["steps_per_s"] + after["steps_per_s"]) / 2
+            for rate, run in done.items():
+                run["ratio"] = run["steps_per_s"] / off["steps_per_s"]
                 runs[setup][rate].append(run)
-                run["ratio"] = run["steps_per_s"] / runs[setup][0.0][k]["steps_per_s"]
                 print(
                     f"repeat {k + 1}, {setup}, gossip {rate:g}/s: {run['steps_per_s']:.1f} "
                     f"steps/s, {run['exchanges_per_s']:.1f} exchanges/s, CPU "
