@@ -67,6 +67,7 @@ from typing import Any
 import torch
 import trio
 from hivemind_peer import NUMEL, coefficient, direction, readout, relative_distance
+from quiet import wait_quiet
 
 from gossipnode.cluster import free_ports
 from gossipnode.learner import consensus_distance
@@ -682,8 +683,9 @@ def markdown(rows: list[dict[str, Any]], s: Settings, meta: dict[str, Any]) -> s
         "2.25, 4, 6.25 (v one fixed random vector; no two pairs have equal sums, so no lucky "
         "gossip pairing is exact). "
         "Consensus distance = (1/n) sum_i |x_i - mean x|^2, relative to its start. "
-        f"Run of {meta['date']}: {meta['cores']} cores shared with other work (load average "
-        f"{meta['load_before']:.1f} before, {meta['load_after']:.1f} after), {meta['versions']}.",
+        f"Run of {meta['date']}: {meta['cores']} cores, otherwise idle at the start (load "
+        f"average {meta['load_before']:.1f} before, {meta['load_after']:.1f} after, its own "
+        f"processes), {meta['versions']}.",
         "",
         f"- **hivemind {meta['hivemind']}**: DHT + DecentralizedAverager per peer, "
         f"target_group_size = min_group_size = n, min_matchmaking_time "
@@ -863,6 +865,7 @@ def main() -> None:
         hold=args.hold,
         gossip_timeout=args.gossip_timeout,
     )
+    wait_quiet()  # both sides are timed in wall-clock seconds on a shared machine
     meta = {
         "command": " ".join([".venv/bin/python scripts/bench/hivemind.py", *sys.argv[1:]]),
         "hivemind": hivemind_version(python),
