@@ -99,6 +99,8 @@ class LineTask:
         return model
 
     def shard(self, node: int) -> Any:
+        # (Like wire.BigModel's: this file cannot import a sibling, since a hivemind peer runs
+        # it with -P, lest the bench's hivemind.py shadow the hivemind package.)
         from gossipnode.tasks import Dataset  # the node's venv has it; the peer's does not
 
         return Dataset(torch.zeros(1, 1), torch.zeros(1))
