@@ -92,6 +92,9 @@ log = logging.getLogger("gossipnode.node")
 T = TypeVar("T")
 Emit = Callable[[str, dict[str, Any]], None]
 DISTANCE_SAMPLE = 1 << 16  # coordinates of a large model the consensus estimate looks at
+# The estimate forgets a peer not exchanged with for this many mean intervals of an edge (at
+# least a minute): neighbours come and go with membership and rewiring.
+DISTANCE_MEMORY = 10
 
 
 def _ignore(kind: str, fields: dict[str, Any]) -> None:
@@ -174,6 +177,7 @@ class Node:
         self._replies: dict[int, tuple[int, Payload]] = {}  # peer id -> last answered exchange
         self._inbound = 0  # connections being served
         self._distance_rng = self._rng("distance")
+        self._distance_at: dict[int, float] = {}  # peer -> when its distance was measured
         self._buffers = BufferPool()  # receive buffers, shared by all connections
         self._initiating = False
         self._mixes = 0
@@ -462,6 +466,11 @@ class Node:
         100 MB model would hold the event loop for 50-150 ms: large ones are sampled)."""
         offset = self._distance_rng.random()
         self.stats.peer_distance[peer] = _distance2(ours[0], theirs[0], offset)
+        now = self._distance_at[peer] = self.now()
+        rate = self.config.gossip_rate
+        memory = max(60.0, DISTANCE_MEMORY / rate) if rate > 0 else math.inf
+        for gone in [p for p, at in self._distance_at.items() if now - at > memory]:
+            del self._distance_at[gone], self.stats.peer_distance[gone]
 
     def _exchanged(self, peer: Peer) -> int:
         """Exchanges this node initiated with ``peer`` and both applied (by node, so they

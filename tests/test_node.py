@@ -206,3 +206,17 @@ def test_the_consensus_estimate_samples_large_models_without_bias() -> None:
     estimates = [_distance2(a, b, k / step) for k in range(step)]
     assert all(e != pytest.approx(exact, rel=1e-4) for e in estimates)  # each one a sample
     assert sum(estimates) / step == pytest.approx(exact, rel=1e-9)  # their mean: exact
+
+
+async def test_the_consensus_estimate_forgets_peers_no_longer_exchanged_with(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    node = make_node(config(0, 3, [1, 2], gossip_rate=1.0), MemoryNetwork().endpoint(address(0)))
+    ours = (torch.zeros(4),)
+    node._note_distance(1, ours, (torch.ones(4),))  # 4
+    await trio.sleep(30)
+    node._note_distance(2, ours, (2 * torch.ones(4),))  # 16
+    assert node.stats.consensus_estimate == (4 + 16) / 4
+    await trio.sleep(40)  # peer 1 last seen 70 s ago: more than 10 intervals of 1 s, and 60 s
+    node._note_distance(2, ours, (torch.ones(4),))
+    assert node.stats.peer_distance == {2: 4.0}
