@@ -69,6 +69,7 @@ DOWNTIME = 5.0  # seconds a killed node stays down
 PARTITION = 30.0  # seconds
 LOSS = 0.05
 SLOWDOWN = 5.0
+MIN_DURATION = PARTITION / 0.6  # the partition, from 20% of the run, ends by 80% of it
 LOST = ("failed", "timed_out", "one_sided")  # exchanges begun and not completed
 TASK, SEED = "digits", 1
 STEP_TIME = 0.05  # virtual seconds per gradient step (sim: each node computes back to back)
@@ -468,6 +469,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.nodes < 4:
         parser.error(f"--nodes must be at least 4 (a quarter killed, halves), got {args.nodes}")
+    for flag, seconds in (
+        ("--sim-duration", args.sim_duration),
+        ("--real-duration", args.real_duration),
+    ):
+        if seconds < MIN_DURATION:
+            parser.error(
+                f"{flag} must be at least {MIN_DURATION:g} s (the partition, {PARTITION:g} s, "
+                f"starts at a fifth of the run and must end before it), got {seconds:g}"
+            )
     modes = ["sim", "real"] if args.mode == "both" else [args.mode]
     reason = netns.unavailable("nft") if "real" in modes else None
     if reason:

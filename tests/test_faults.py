@@ -103,11 +103,15 @@ def test_the_table_marks_broken_rows_and_compares_with_the_fault_free_run() -> N
     assert "BROKEN: a node crashed" in lines[3]
 
 
-def test_too_few_nodes_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_options_are_clear_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         faults.main(["--mode", "sim", "--nodes", "2"])
     assert exit_.value.code == 2
     assert "--nodes must be at least 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        faults.main(["--mode", "sim", "--real-duration", "30"])
+    assert exit_.value.code == 2
+    assert "--real-duration must be at least 50 s" in capsys.readouterr().err
 
 
 @pytest.mark.slow
