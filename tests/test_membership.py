@@ -213,8 +213,8 @@ async def test_the_halves_of_a_healed_partition_mix_again_through_rewiring(
     n = 8
     halves = (frozenset(address(i) for i in range(4)), frozenset(address(i) for i in range(4, 8)))
     net = MemoryNetwork(NetModel(partitions=[Partition(10.0, 40.0, halves)]))
-    # Seeds in both halves (0 and 4), so each half keeps a seed while cut off; one swap of
-    # a random neighbour every 10 s on average.
+    # Every node joins through a node of the other half (4 for 0-3, 0 for 4-7), so the
+    # neighbours first picked cross; one random neighbour swapped every 10 s on average.
     nodes = [
         member(i, n, net, 4 if i < 4 else 0, rewire_every=10.0, grad_rate=0.0) for i in range(n)
     ]
