@@ -612,14 +612,20 @@ class Node:
             if self._dead(peer):  # declared dead by the cluster: no point dialing
                 self.stats.count(Outcome.SKIPPED_UNREACHABLE)
                 continue
-            if self._initiating:  # Poisson thinning: one exchange of ours at a time
+            # Dialing holds up this edge only: a neighbour whose host drops connection
+            # attempts would otherwise stall every exchange of ours for each dial's timeout.
+            conn = await self._connection(peer)
+            if conn is None:
+                outcome = Outcome.SKIPPED_UNREACHABLE
+            elif self._initiating:  # Poisson thinning: one exchange of ours at a time
                 self.stats.count(Outcome.SKIPPED_BUSY)
                 continue
-            self._initiating = True
-            try:
-                outcome = await self._initiate(peer)
-            finally:
-                self._initiating = False
+            else:
+                self._initiating = True
+                try:
+                    outcome = await self._initiate(peer, conn)
+                finally:
+                    self._initiating = False
             self.stats.count(outcome)
             if outcome in (Outcome.OK, Outcome.RECONCILED):
                 assert peer.node_id is not None  # it answered
@@ -629,13 +635,15 @@ class Node:
                     "exchange",
                     {"node": self.config.node_id, "peer": peer.node_id, "outcome": outcome.value},
                 )
-            # Ticks of this edge that fell during its own exchange are thinned too.
-            self.stats.count(Outcome.SKIPPED_BUSY, clock.pop_due(trio.current_time()))
+            # Ticks of this edge that fell during its own exchange (or failed dial) are
+            # thinned too.
+            missed = clock.pop_due(trio.current_time())
+            unreachable = outcome == Outcome.SKIPPED_UNREACHABLE
+            self.stats.count(
+                Outcome.SKIPPED_UNREACHABLE if unreachable else Outcome.SKIPPED_BUSY, missed
+            )
 
-    async def _initiate(self, peer: Peer) -> Outcome:
-        conn = await self._connection(peer)
-        if conn is None:
-            return Outcome.SKIPPED_UNREACHABLE
+    async def _initiate(self, peer: Peer, conn: Connection) -> Outcome:
         started = trio.current_time()
         if peer.pending is None:
             payload = self.algorithm.payload(self.state, self.now())

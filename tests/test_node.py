@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
 import trio
 import trio.testing
 
 from gossipnode.tasks import LogReg
-from gossipnode.transport import MemoryNetwork, TransportError
+from gossipnode.transport import Address, MemoryNetwork, Stream, Transport, TransportError
 
 from .helpers import (
     HookedStream,
@@ -220,3 +223,38 @@ async def test_the_consensus_estimate_forgets_peers_no_longer_exchanged_with(
     await trio.sleep(40)  # peer 1 last seen 70 s ago: more than 10 intervals of 1 s, and 60 s
     node._note_distance(2, ours, (torch.ones(4),))
     assert node.stats.peer_distance == {2: 4.0}
+
+
+@dataclass
+class Blackhole:
+    """A transport whose dials to ``silent`` hang (a host that drops SYNs) until cancelled."""
+
+    inner: Transport
+    silent: Address
+
+    async def connect(self, address: Address) -> Stream:
+        if address == self.silent:
+            await trio.sleep_forever()
+        return await self.inner.connect(address)
+
+    async def serve(self, address: Address, handler: Any, *, task_status: Any) -> None:
+        await self.inner.serve(address, handler, task_status=task_status)
+
+
+async def test_a_neighbour_that_never_answers_a_dial_does_not_hold_up_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = MemoryNetwork()
+    # Node 0's neighbours: 1, up, and 2, whose host drops every dial (each attempt waits the
+    # whole --exchange-timeout, 10 s).
+    a = make_node(
+        config(0, 3, [1, 2], grad_rate=0.0, exchange_timeout=10.0, duration=120.0),
+        Blackhole(network.endpoint(address(0)), address(2)),
+    )
+    b = make_node(config(1, 3, [0], grad_rate=0.0, gossip_rate=0.0, duration=120.0), network)
+    with trio.fail_after(300):
+        sa, _ = await run_all([a, b])
+    # Node 0 starts exchanges with 1 at 1/s: ~120 in 120 s if dials to 2 block nothing (half
+    # that if each blocked all of node 0's exchanges for its 10 s).
+    assert sa["exchanges"]["ok"] > 100, sa["exchanges"]  # (15 before dials left the slot free)
+    assert sa["exchanges"]["skipped_unreachable"] > 50
